@@ -1,0 +1,1 @@
+"""The ``pcfm`` command line."""

@@ -1,0 +1,148 @@
+"""``pcfm`` command line: simulate, inspect and list geometries, and the quickstart.
+
+Every sub-command is a thin layer over the Python API, so that what the command line does a
+script can do too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from pcfm.errors import PcfmError
+
+
+def _range(text: str) -> float | tuple[float, float]:
+    """``"1000"`` -> 1000.0 and ``"1000:1e6"`` -> (1000.0, 1e6)."""
+    if ":" in text:
+        lo, hi = (float(v) for v in text.split(":", 1))
+        return lo, hi
+    return float(text)
+
+
+def _cmd_geometries(args) -> int:
+    from pcfm import geometry
+
+    print(f"{'name':28s} {'kind':12s} {'cells':>10s} {'depth':>22s}  description")
+    for name in geometry.available():
+        geo = geometry.get(name)
+        if geo.kind == "calorimeter":
+            depth = f"{geo.depth_mm:7.1f} mm {geo.layer_x0()[-1]:5.1f} X0"
+        else:
+            depth = " x ".join(f"{e:.0f}" for e in geo.extent_mm) + " mm"
+        print(f"{name:28s} {geo.kind:12s} {geo.n_cells:10d} {depth:>22s}  {geo.description}")
+    return 0
+
+
+def _cmd_simulate_calo(args) -> int:
+    from pcfm.data import write_calochallenge
+    from pcfm.sim import simulate_showers
+
+    theta = _range(args.theta_deg)
+    theta = tuple(np.radians(theta)) if isinstance(theta, tuple) else float(np.radians(theta))
+    start = time.perf_counter()
+    showers = simulate_showers(args.geometry, args.n, particle=args.particle, energy=_range(args.energy),
+                               theta=theta, seed=args.seed)
+    seconds = time.perf_counter() - start
+    write_calochallenge(args.out, showers)
+    ratio = showers.showers.sum(1) / showers.incident_energies
+    print(f"simulated {args.n} {args.particle} showers on {args.geometry} in {seconds:.2f} s "
+          f"({args.n / seconds:.0f}/s); E_dep/E_inc mean {ratio.mean():.3f}; "
+          f"cells hit per shower {np.mean((showers.showers > 0).sum(1)):.0f}; wrote {args.out}")
+    return 0
+
+
+def _cmd_simulate_lartpc(args) -> int:
+    from pcfm.data import write_pilarnet
+    from pcfm.sim import simulate_lartpc_events
+
+    target = _range(args.points) if args.points else None
+    if isinstance(target, float):
+        raise SystemExit("--points takes a range LO:HI")
+    start = time.perf_counter()
+    events = simulate_lartpc_events(args.n, seed=args.seed, target_points=target)
+    seconds = time.perf_counter() - start
+    write_pilarnet(args.out, events)
+    sizes = np.array([e.points.shape[0] for e in events])
+    print(f"simulated {args.n} LArTPC events in {seconds:.2f} s; points per event median "
+          f"{np.median(sizes):.0f} (min {sizes.min()}, max {sizes.max()}); wrote {args.out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    """Validate every event of each file and print a summary; exit 1 if any event is bad."""
+    from pcfm.data import detect_format, open_dataset
+
+    bad = 0
+    for path in args.files:
+        fmt = detect_format(path)
+        dataset = open_dataset(path, format=fmt, geometry=args.geometry, on_error="skip")
+        report = dataset.scan()
+        sizes = dataset.event_sizes()
+        print(f"{path}: {fmt}, {report.n_checked} events, points per event median "
+              f"{np.median(sizes):.0f} (min {sizes.min()}, max {sizes.max()}); {report.n_skipped} bad")
+        for problem in report.problems[: args.max_problems]:
+            print(f"  {problem}")
+        bad += report.n_skipped
+    return 1 if bad else 0
+
+
+def _cmd_quickstart(args) -> int:
+    from pcfm.quickstart import run_quickstart
+
+    run_quickstart(workdir=args.workdir, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcfm", description="Point-cloud foundation models for detector data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("geometries", help="list the detector geometries pcfm knows").set_defaults(func=_cmd_geometries)
+
+    simulate = sub.add_parser("simulate", help="simulate showers or LArTPC events into a data file")
+    sim_sub = simulate.add_subparsers(dest="what", required=True)
+    calo = sim_sub.add_parser("calo", help="calorimeter showers, written as CaloChallenge HDF5")
+    calo.add_argument("--geometry", default="calochallenge-ds2")
+    calo.add_argument("--particle", default="electron", help="electron, photon or pion")
+    calo.add_argument("--n", type=int, default=1000, help="number of showers")
+    calo.add_argument("--energy", default="1000:1000000", help="MeV: fixed (E) or log-uniform (LO:HI)")
+    calo.add_argument("--theta-deg", default="90", help="polar angle in degrees: fixed or LO:HI")
+    calo.add_argument("--seed", type=int, default=0)
+    calo.add_argument("--out", required=True, type=Path)
+    calo.set_defaults(func=_cmd_simulate_calo)
+    lar = sim_sub.add_parser("lartpc", help="LArTPC events, written as PILArNet-M v2 HDF5")
+    lar.add_argument("--n", type=int, default=100, help="number of events")
+    lar.add_argument("--points", default=None, help="approximate points per event, LO:HI")
+    lar.add_argument("--seed", type=int, default=0)
+    lar.add_argument("--out", required=True, type=Path)
+    lar.set_defaults(func=_cmd_simulate_lartpc)
+
+    inspect = sub.add_parser("inspect", help="validate data files (any supported format) and summarise them")
+    inspect.add_argument("files", nargs="+", type=Path)
+    inspect.add_argument("--geometry", default=None)
+    inspect.add_argument("--max-problems", type=int, default=20)
+    inspect.set_defaults(func=_cmd_inspect)
+
+    quick = sub.add_parser("quickstart", help="the 10-minute CPU tour on simulated data")
+    quick.add_argument("--workdir", type=Path, default=Path("pcfm_runs/quickstart"))
+    quick.add_argument("--seed", type=int, default=0)
+    quick.set_defaults(func=_cmd_quickstart)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PcfmError, FileNotFoundError) as err:
+        print(f"pcfm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The interface every detector geometry implements.
+
+A geometry maps a cell index to the cell's physical position and size (mm) and back, so that
+data from any detector becomes a point cloud in millimetres: models then see geometry, not
+indices, and the same weights run on any detector.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import numpy as np
+
+
+class Geometry(ABC):
+    """A detector readout: ``n_cells`` cells with positions and sizes in mm."""
+
+    #: "calorimeter" or "voxel_grid"
+    kind: str = ""
+
+    def __init__(self, name: str, description: str = ""):
+        self.name = name
+        self.description = description
+
+    @property
+    @abstractmethod
+    def n_cells(self) -> int:
+        """Number of readout cells."""
+
+    @abstractmethod
+    def centers(self, index: Optional[np.ndarray] = None) -> np.ndarray:
+        """Cell centres (n, 3) in mm, for the cells ``index`` (all cells when None)."""
+
+    @abstractmethod
+    def sizes(self, index: Optional[np.ndarray] = None) -> np.ndarray:
+        """Cell extents (n, 3) in mm along the geometry's three axes."""
+
+    @abstractmethod
+    def locate(self, positions: np.ndarray) -> np.ndarray:
+        """Cell index of each position (n, 3) in mm; -1 where a position is outside every cell."""
+
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """A plain dictionary (the YAML schema) from which :func:`pcfm.geometry.from_dict` rebuilds it."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_cells={self.n_cells})"
+
+    def _check_index(self, index: Optional[np.ndarray]) -> np.ndarray:
+        if index is None:
+            return np.arange(self.n_cells)
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self.n_cells):
+            raise IndexError(f"cell index out of range [0, {self.n_cells}) for geometry {self.name!r}")
+        return index

@@ -1,0 +1,61 @@
+"""The command line: each sub-command on small inputs, through main(argv) as a user runs it."""
+import h5py
+import numpy as np
+import pytest
+
+from pcfm.cli.main import main
+from pcfm.data import read_calochallenge, read_pilarnet_event
+
+
+def test_geometries_lists_presets(capsys):
+    assert main(["geometries"]) == 0
+    out = capsys.readouterr().out
+    assert "calochallenge-ds2" in out and "6480" in out and "lartpc-768" in out
+
+
+def test_simulate_calo_writes_calochallenge_file(tmp_path, capsys):
+    out = tmp_path / "e.h5"
+    assert main(["simulate", "calo", "--geometry", "par04-scipb", "--n", "20", "--energy", "5000",
+                 "--theta-deg", "60:90", "--seed", "1", "--out", str(out)]) == 0
+    showers = read_calochallenge(out)
+    assert len(showers) == 20 and showers.geometry == "par04-scipb"
+    np.testing.assert_allclose(showers.incident_energies, 5000.0)
+    assert np.all((showers.theta >= np.radians(60) - 1e-6) & (showers.theta <= np.radians(90) + 1e-6))
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_simulate_lartpc_and_inspect(tmp_path, capsys):
+    out = tmp_path / "lar.h5"
+    assert main(["simulate", "lartpc", "--n", "3", "--seed", "2", "--out", str(out)]) == 0
+    assert read_pilarnet_event(out, 2).version == 2
+    assert main(["inspect", str(out)]) == 0
+    assert "pilarnet, 3 events" in capsys.readouterr().out
+
+
+def test_inspect_reports_bad_events_and_fails(tmp_path, capsys):
+    path = tmp_path / "bad.h5"
+    assert main(["simulate", "calo", "--n", "5", "--energy", "2000", "--out", str(path)]) == 0
+    with h5py.File(path, "r+") as f:
+        f["showers"][3, 10] = np.nan
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "5 events" in out and "1 bad" in out and "bad.h5: event 3" in out
+
+
+def test_errors_are_reported_without_traceback(tmp_path, capsys):
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    assert main(["inspect", str(junk)]) == 2
+    assert "junk.h5" in capsys.readouterr().err
+    assert main(["simulate", "calo", "--geometry", "nope", "--n", "1", "--out", str(tmp_path / "x.h5")]) == 2
+    assert "unknown geometry 'nope'" in capsys.readouterr().err
+
+
+def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    from pcfm.quickstart import run_quickstart
+
+    summary = run_quickstart(tmp_path, n_showers=100, n_lartpc=4)
+    assert summary["calochallenge-ds2"]["events"] == 100 and summary["lartpc"]["events"] == 4
+    assert summary["batches"] >= 1
+    out = capsys.readouterr().out
+    assert "[5/5]" in out and "all within their event: True" in out
