@@ -1,7 +1,6 @@
 """Throughput of the fast LArTPC simulator on one CPU core: events/s and points per event.
 
-    python benchmarks/simulate_lartpc.py --events 200 --out lartpc_sim.json
-    python benchmarks/simulate_lartpc.py --target 20000 40000
+    python benchmarks/simulate_lartpc.py --events 200 --target 5000 10000 --target 60000 95000
 
 Prints the command and the machine, then one line per setting; writes the same as JSON.
 Both wall-clock and process CPU time are reported (the CPU figure is the one to compare on a
@@ -14,26 +13,12 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: keep any BLAS from spreading out
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from pcfm.data.atomic import atomic_path  # noqa: E402
+from _common import announce, write_results  # noqa: E402
 from pcfm.sim.lartpc import LArTPCSimulator  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
-                platform=platform.platform())
 
 
 def measure(n_events: int, seed: int, target) -> dict:
@@ -63,21 +48,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=int, nargs=2, action="append", metavar=("LO", "HI"),
                         help="also measure target_points=(LO, HI); repeatable")
-    parser.add_argument("--out", default="lartpc_sim_benchmark.json")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/simulate_lartpc.json)")
     args = parser.parse_args(argv)
-
-    report = dict(command=" ".join([sys.executable] + sys.argv), machine=machine(), results=[])
-    print("command:", report["command"])
-    print("machine:", report["machine"])
+    command, machine = announce()
+    rows = []
     for target in [None] + [tuple(t) for t in (args.target or [])]:
         result = measure(args.events, args.seed, target)
-        report["results"].append(result)
+        rows.append(result)
         print(f"target={target}: {result['events_per_s_cpu']:.1f} events/s (CPU), "
               f"{result['events_per_s_wall']:.1f} (wall); points mean {result['points_mean']:.0f}, "
               f"median {result['points_median']:.0f}, p5-p95 {result['points_p5']:.0f}-{result['points_p95']:.0f}")
-    with atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    print("wrote", args.out)
+    write_results("simulate_lartpc", command, machine, rows, args.out)
 
 
 if __name__ == "__main__":

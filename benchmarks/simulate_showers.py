@@ -14,19 +14,13 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # o
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pcfm.data.atomic import atomic_path  # noqa: E402
+from _common import announce, markdown_table, write_results  # noqa: E402
 from pcfm.sim.calo import ShowerSimulator  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "simulate_showers.json"
 CASES = [  # geometry, particle, theta
     ("calochallenge-ds2", "electron", np.pi / 2),
     ("calochallenge-ds2", "pion", np.pi / 2),
@@ -64,25 +58,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one timed run per case instead of five")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    machine = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-        "torch": torch.__version__, "threads": 1,
-        "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine slows the figures
-    }
-    command = " ".join([Path(sys.executable).name] + sys.argv)
-    print(f"command: {command}")
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
-    repeats = 1 if args.quick else 5
-    rows = [measure(g, p, t, 1000, repeats) for g, p, t in CASES]
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(json.dumps({"command": command, "machine": machine, "results": rows}, indent=2) + "\n")
-    print("\n| geometry | cells | particle | theta | showers/s | ms/shower | E_dep/E_inc | nonzero cells |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['geometry']} | {r['n_cells']} | {r['particle']} | {r['theta']} | {r['showers_per_s']:.0f} | "
-              f"{1000 * r['seconds'] / r['batch']:.3f} | {r['mean_response']:.3f} | {r['nonzero_fraction']:.3f} |")
-    print(f"\nwritten {RESULTS}")
+    command, machine = announce()
+    rows = [measure(g, p, t, 1000, 1 if args.quick else 5) for g, p, t in CASES]
+    for row in rows:
+        row["ms_per_shower"] = 1000 * row["seconds"] / row["batch"]
+    print(markdown_table(rows, [("geometry", "geometry", ""), ("cells", "n_cells", "d"), ("particle", "particle", ""),
+                                ("theta", "theta", ""), ("showers/s", "showers_per_s", ".0f"),
+                                ("ms/shower", "ms_per_shower", ".3f"), ("E_dep/E_inc", "mean_response", ".3f"),
+                                ("nonzero cells", "nonzero_fraction", ".3f")]))
+    write_results("simulate_showers", command, machine, rows)
 
 
 if __name__ == "__main__":

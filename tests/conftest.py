@@ -1,7 +1,16 @@
-"""Shared fixtures: the real-data folder ../shared/data next to the project root."""
+"""Shared test set-up: Triton's CPU interpreter, and the real-data folder ../shared/data."""
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, the fused kernels' tests run in Triton's interpreter. Triton reads the switch
+# when it decorates a function, its own library included, so it must be set before anything
+# (torch_geometric, for one) imports triton.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

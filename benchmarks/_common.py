@@ -1,0 +1,69 @@
+"""What every benchmark script shares: the machine description, the command line, the JSON
+output (written atomically to benchmarks/results/) and the markdown table.
+
+Every result file records the command that produced it and the machine it ran on, so that a
+number in RESULTS.md can be traced and reproduced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pcfm.data.atomic import atomic_path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, load, library versions, and the GPU if torch sees one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other work slows the figures
+        "platform": platform.platform(), "python": platform.python_version(),
+        "numpy": np.__version__, "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def command_line() -> str:
+    return " ".join(["python"] + sys.argv)
+
+
+def announce() -> tuple[str, dict]:
+    """Print and return the command and the machine, before any measurement."""
+    command, machine = command_line(), machine_info()
+    print(f"command: {command}")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
+    return command, machine
+
+
+def write_results(name: str, command: str, machine: dict, rows: list[dict], out: str | Path | None = None) -> Path:
+    """Write ``{"command", "machine", "results"}`` as JSON (default benchmarks/results/NAME.json)."""
+    path = Path(out) if out else RESULTS_DIR / f"{name}.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"command": command, "machine": machine, "results": rows}, indent=2) + "\n")
+    print(f"\nwritten {path}")
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Rows as a markdown table; ``columns`` are (header, key, format spec)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[k], f) if row.get(k) is not None else "-" for _, k, f in columns) + " |")
+    return "\n".join(lines)
