@@ -300,3 +300,20 @@ def test_knn_graph_with_duplicated_points_gives_k_neighbours_and_no_self_loop(ba
     assert torch.bincount(edge_index[1], minlength=28).tolist() == [3] * 28
     copies_neighbours = edge_index[0][edge_index[1] < 8]
     assert bool((copies_neighbours < 8).all())  # a copy's nearest are the other copies
+
+
+def test_knn_ties_on_a_grid_do_not_depend_on_the_batch():
+    """On a cell grid many neighbours are equidistant: ties go to the smaller index, so an
+    event's neighbours are the same alone or batched beside a larger event (other padding)."""
+    axis = torch.arange(4, dtype=torch.float32)
+    grid = torch.cartesian_prod(axis, axis, axis)  # 64 points, many ties
+    other = torch.rand(300, 3) * 4
+    alone = knn_graph(grid, 6, backend="torch")
+    batched = knn_graph(torch.cat([grid, other]), 6, torch.tensor([0] * 64 + [1] * 300), backend="torch")
+    in_grid = batched[1] < 64
+    assert torch.equal(alone, batched[:, in_grid])
+    # within a query's list: nearest first, equal distances by increasing index
+    centre, neighbour = alone[1].view(64, 6), alone[0].view(64, 6)
+    d = (grid[neighbour] - grid[centre]).square().sum(-1)
+    key = d * 1000 + neighbour  # distances are integers here
+    assert torch.equal(key, key.sort(dim=1).values)

@@ -1,0 +1,315 @@
+"""The backbone (pcfm.nn): ragged batches, symmetries, isolation of events, conditioning, training."""
+import json
+import math
+
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+import pcfm.data
+import pcfm.sim
+from pcfm.nn import BACKBONE_PRESETS, Backbone, BackboneConfig, condition_features, preset_parameter_counts
+from pcfm.nn.blocks import AdaptiveLayerNorm
+from pcfm.nn.encoding import FourierFeatures, geometry_indices
+
+POINT_FIELDS = ("pos", "x", "energy", "cell_index", "semantic", "particle_id")
+
+
+def showers(geometry, n, seed, energy=(1e3, 2e4)):
+    data = pcfm.data.ShowerDataset(pcfm.sim.simulate_showers(geometry, n, energy=energy, seed=seed))
+    return [data[i] for i in range(n)]
+
+
+def take_points(data, index):
+    """``data`` with only (or reordered to) the points ``index``."""
+    data = data.clone()
+    for name in POINT_FIELDS:
+        if name in data:
+            data[name] = data[name][index]
+    return data
+
+
+def snapped(data, step=0.125):
+    """``data`` with positions on a grid of ``step`` mm, so that integer shifts are exact in float32."""
+    data = data.clone()
+    data.pos = torch.round(data.pos / step) * step
+    return data
+
+
+def jittered(data, seed):
+    """``data`` with positions moved by up to 0.01 mm, so that no two neighbours are equally far.
+
+    On a regular cell grid kNN ties are everywhere, and a backend may break them differently
+    depending on which events share its work block; distinct distances make the neighbours unique.
+    """
+    data = data.clone()
+    generator = torch.Generator().manual_seed(seed)
+    data.pos = data.pos + (torch.rand(data.pos.shape, generator=generator) - 0.5) * 0.02
+    return data
+
+
+def event_slice(output, event):
+    start, end = output.token_ptr[event], output.token_ptr[event + 1]
+    return output.token_features[start:end]
+
+
+@pytest.fixture(scope="module")
+def ds2():
+    return showers("calochallenge-ds2", 32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def scipb():
+    return showers("par04-scipb", 4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def lartpc():
+    events = pcfm.sim.simulate_lartpc_events(2, seed=3, target_points=(400, 800))
+    return [pcfm.data.lartpc_to_data(event) for event in events]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Backbone.from_preset("tiny").eval()
+
+
+def run(model, data_list, **kwargs):
+    with torch.no_grad():
+        return model(Batch.from_data_list(data_list), **kwargs)
+
+
+def randomise_modulation(model, seed=1):
+    """Give every AdaLN a non-zero conditioning map, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, AdaptiveLayerNorm):
+            linear = module.modulation[1]
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.2)
+
+
+def test_shapes_on_ragged_batch_with_one_point_and_empty_events(model, ds2):
+    events = [ds2[0], take_points(ds2[1], [5]), ds2[2], take_points(ds2[3], []), take_points(ds2[4], [0, 1])]
+    batch = Batch.from_data_list(events)
+    output = run(model, events)
+    config = model.config
+    sizes = [event.num_nodes for event in events]
+    assert sizes[1] == 1 and sizes[3] == 0
+    token_counts = [min(n, config.num_tokens) for n in sizes]
+    assert (output.token_ptr.diff() == torch.tensor(token_counts)).all()
+    assert output.token_features.shape == (sum(token_counts), config.width)
+    assert output.point_features.shape == (batch.num_nodes, config.width)
+    assert output.pooled.shape == (5, config.width)
+    for tensor in (output.token_features, output.point_features, output.pooled):
+        assert torch.isfinite(tensor).all()
+    # The 1-point event has one token centred on its point, grouping just that point.
+    tokens = output.tokens
+    one = int(output.token_ptr[1])
+    assert tokens.centre_point[one] == batch.ptr[1]
+    assert tokens.group_point[tokens.group_token == one].tolist() == [int(batch.ptr[1])]
+    # Every group holds min(group_size, n) points of its own event, its centre among them.
+    members = torch.bincount(tokens.group_token, minlength=len(tokens.pos))
+    assert (members == torch.tensor(sizes)[tokens.batch].clamp(max=config.group_size)).all()
+    assert (batch.batch[tokens.group_point] == tokens.batch[tokens.group_token]).all()
+    is_centre = tokens.group_point == tokens.centre_point[tokens.group_token]
+    assert (torch.bincount(tokens.group_token[is_centre], minlength=len(tokens.pos)) == 1).all()
+    assert torch.equal(tokens.pos, batch.pos[tokens.centre_point])
+
+
+def test_token_ratio_sets_tokens_per_event(ds2):
+    model = Backbone.from_preset("tiny", num_tokens=None, token_ratio=0.05).eval()
+    output = run(model, ds2[:3])
+    sizes = torch.tensor([event.num_nodes for event in ds2[:3]])
+    assert (output.token_ptr.diff() == torch.ceil(sizes * 0.05).long()).all()
+
+
+@pytest.mark.parametrize("kind", ["showers", "lartpc"])
+def test_point_order_does_not_matter(model, ds2, lartpc, kind):
+    events = ds2[5:7] if kind == "showers" else lartpc
+    generator = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(event.num_nodes, generator=generator) for event in events]
+    reference = run(model, events)
+    permuted = run(model, [take_points(event, perm) for event, perm in zip(events, perms)])
+    offsets = Batch.from_data_list(events).ptr[:-1]
+    global_perm = torch.cat([perm + offset for perm, offset in zip(perms, offsets)])
+    torch.testing.assert_close(permuted.token_features, reference.token_features)
+    torch.testing.assert_close(permuted.point_features, reference.point_features[global_perm])
+    torch.testing.assert_close(permuted.pooled, reference.pooled)
+
+
+def test_events_do_not_leak_into_each_other(model, ds2):
+    a, b, b_other, c = (jittered(ds2[i], i) for i in (7, 8, 10, 9))
+    before = run(model, [a, b, c])
+    after = run(model, [a, b_other, c])
+    assert not torch.allclose(event_slice(before, 1), event_slice(after, 1))
+    for event in (0, 2):
+        torch.testing.assert_close(event_slice(after, event), event_slice(before, event))
+        torch.testing.assert_close(after.pooled[event], before.pooled[event])
+    torch.testing.assert_close(after.point_features[:a.num_nodes], before.point_features[:a.num_nodes])
+    torch.testing.assert_close(after.point_features[-c.num_nodes:], before.point_features[-c.num_nodes:])
+
+
+@pytest.mark.parametrize("kind", ["showers", "lartpc"])
+def test_shifting_an_event_changes_nothing(model, ds2, lartpc, kind):
+    events = [snapped(ds2[11]), snapped(ds2[12])] if kind == "showers" else lartpc
+    shifts = torch.tensor([[37.0, -120.0, 500.0], [-300.0, 150.0, 600.0]])
+    moved = []
+    for event, shift in zip(events, shifts):
+        event = event.clone()
+        event.pos = event.pos + shift
+        moved.append(event)
+    reference, shifted = run(model, events), run(model, moved)
+    torch.testing.assert_close(shifted.token_pos - reference.token_pos, shifts[reference.token_batch])
+    torch.testing.assert_close(shifted.token_features, reference.token_features, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(shifted.point_features, reference.point_features, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(shifted.pooled, reference.pooled, atol=2e-4, rtol=1e-4)
+
+
+def test_one_model_runs_on_several_geometries(model, ds2, scipb, lartpc):
+    ds2, scipb = ([jittered(event, i) for i, event in enumerate(ds2[:2])],
+                  [jittered(event, 10 + i) for i, event in enumerate(scipb[:2])])
+    alone = {name: run(model, events) for name, events in
+             (("ds2", ds2[:2]), ("scipb", scipb[:2]), ("lartpc", lartpc))}
+    for output in alone.values():
+        assert torch.isfinite(output.point_features).all() and torch.isfinite(output.pooled).all()
+    # Different geometries share a batch, and each event comes out as when batched alone.
+    mixed = run(model, ds2[:2] + scipb[:2])
+    torch.testing.assert_close(mixed.pooled, torch.cat([alone["ds2"].pooled, alone["scipb"].pooled]))
+    # par04-scipb cells are about 3x the size of ds2 cells: the tokens span it.
+    extent = lambda output: (output.token_pos.max(0).values - output.token_pos.min(0).values)[2]  # noqa: E731
+    assert extent(alone["scipb"]) > 2 * extent(alone["ds2"])
+
+
+def test_condition_features_from_data(ds2, lartpc):
+    batch = Batch.from_data_list(ds2[:2])
+    batch.incident_energy = torch.tensor([10_000.0, math.nan])
+    batch.theta = torch.tensor([math.nan, math.pi / 3])
+    features = condition_features(batch, 2, torch.device("cpu"))
+    expected = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0],
+                             [0.0, 0.0, 0.5, math.sqrt(3) / 2, 1.0, 1.0, 0.0, 1.0]])
+    torch.testing.assert_close(features, expected)
+    # LArTPC events carry no energy or angles: all zeros, all flagged unknown.
+    assert torch.equal(condition_features(Batch.from_data_list(lartpc), 2, torch.device("cpu")), torch.zeros(2, 8))
+    vocabulary = ("calochallenge-ds2", "par04-scipb")
+    tags = geometry_indices(["par04-scipb", "", "my-detector"], vocabulary, 3, torch.device("cpu"))
+    assert tags.tolist() == [2, 0, 0]
+
+
+def test_conditioning_is_off_at_init_and_acts_once_learned(ds2):
+    torch.manual_seed(0)
+    model = Backbone.from_preset("tiny").eval()
+    base = Batch.from_data_list(ds2[:2])
+    other = base.clone()
+    other.incident_energy = base.incident_energy * 50
+    other.theta = torch.full_like(base.theta, math.nan)
+    other.geometry = ["par04-scipb", "my-detector"]
+    with torch.no_grad():
+        assert torch.equal(model(base).pooled, model(other).pooled)  # zero-initialised AdaLN
+        randomise_modulation(model)
+        changed = (model(base).pooled - model(other).pooled).abs().amax(1)
+        assert (changed > 1e-3).all()
+        # A NaN angle is the same as no angle at all.
+        del other.theta
+        with_nan = other.clone()
+        with_nan.theta = torch.full((2,), math.nan)
+        torch.testing.assert_close(model(other).pooled, model(with_nan).pooled)
+
+
+def test_masked_encoding_sees_only_the_kept_tokens(model, ds2):
+    batch = Batch.from_data_list(ds2[13:16])
+    with torch.no_grad():
+        tokens = model.tokenize(batch)
+        keep = torch.rand(len(tokens.pos), generator=torch.Generator().manual_seed(0)) > 0.6
+        visible = model.encode(tokens, keep)
+        assert visible.shape == (int(keep.sum()), model.width)
+        # Changing what the hidden tokens hold leaves the visible ones' features as they were.
+        tampered = tokens.select(torch.ones_like(keep))
+        tampered.features = torch.where(keep[:, None], tokens.features, torch.randn_like(tokens.features))
+        torch.testing.assert_close(model.encode(tampered, keep), visible)
+        assert not torch.allclose(model.encode(tampered)[keep], model.encode(tokens)[keep])
+    # select() keeps the groups of kept tokens, renumbered.
+    kept = tokens.select(keep)
+    old_index = keep.nonzero().squeeze(1)
+    assert torch.equal(kept.centre_point, tokens.centre_point[keep])
+    assert torch.equal(kept.group_point, tokens.group_point[keep[tokens.group_token]])
+    assert torch.equal(old_index[kept.group_token], tokens.group_token[keep[tokens.group_token]])
+    assert torch.equal(kept.ptr.diff(), torch.bincount(tokens.batch[keep], minlength=3))
+
+
+def test_gradients_reach_every_parameter(ds2):
+    torch.manual_seed(0)
+    model = Backbone.from_preset("tiny")
+    randomise_modulation(model)  # at init the condition encoder gets no gradient through zero maps
+    output = model(Batch.from_data_list(ds2[:3]))
+    loss = output.pooled.square().mean() + output.point_features.square().mean() + output.token_features.mean()
+    loss.backward()
+    without = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bf16_autocast_runs_close_to_float32(model, ds2):
+    batch = Batch.from_data_list(ds2[:2])
+    with torch.no_grad():
+        reference = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(batch)
+    assert torch.isfinite(half.pooled).all()
+    error = (half.pooled.float() - reference.pooled).norm() / reference.pooled.norm()
+    assert error < 0.05
+
+
+def test_preset_parameter_counts():
+    counts = preset_parameter_counts()
+    assert 0.3e6 <= counts["tiny"] <= 0.5e6
+    assert 5e6 <= counts["small"] <= 10e6
+    assert 20e6 <= counts["base"] <= 40e6
+
+
+def test_config_round_trips_through_a_dict(model, ds2):
+    config = BACKBONE_PRESETS["small"]
+    assert BackboneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    rebuilt = Backbone(BackboneConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))))
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(run(rebuilt.eval(), ds2[:2]).pooled, run(model, ds2[:2]).pooled)
+    with pytest.raises(ValueError, match=r"unknown BackboneConfig field\(s\): \['widht'\]"):
+        BackboneConfig.from_dict({"widht": 3})
+    with pytest.raises(ValueError, match="exactly one of num_tokens and token_ratio"):
+        BackboneConfig(token_ratio=0.5)
+    with pytest.raises(ValueError, match="unknown backbone preset 'huge'"):
+        Backbone.from_preset("huge")
+
+
+def test_fourier_features_resolve_mm_and_metres():
+    features = FourierFeatures(12)
+    assert features.out_dim == 3 * 2 * 12
+    wavelengths = 2 * math.pi / features.angular_frequency
+    torch.testing.assert_close(wavelengths[[0, -1]], torch.tensor([1.0, 10_000.0]))
+    # Points 1 mm apart and points 5 m apart both give clearly different features.
+    origin = features(torch.zeros(1, 3))
+    for step in (0.5, 5000.0):
+        assert (features(torch.tensor([[step, 0.0, 0.0]])) - origin).abs().max() > 0.3
+
+
+def test_a_few_steps_fit_the_incident_energy(ds2):
+    torch.manual_seed(0)
+    model = Backbone.from_preset("tiny", num_tokens=16, depth=2)
+    head = torch.nn.Linear(model.width, 1)
+    batch = Batch.from_data_list(ds2)
+    condition_free = batch.clone()
+    del condition_free.incident_energy  # the energy must come from the points
+    target = torch.log10(batch.incident_energy)
+    target = (target - target.mean()) / target.std()  # variance 1
+    optimiser = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=3e-4)
+    losses = []
+    for _ in range(35):
+        tokens = model.tokenize(condition_free)
+        prediction = head(model.pool(model.encode(tokens), tokens.batch, tokens.num_events)).squeeze(1)
+        loss = (prediction - target).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.25  # far better than predicting the mean (loss 1)
