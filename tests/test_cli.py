@@ -59,3 +59,13 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert summary["batches"] >= 1
     out = capsys.readouterr().out
     assert "[5/5]" in out and "all within their event: True" in out
+
+
+def test_inspect_a_file_whose_every_event_is_bad(tmp_path, capsys):
+    path = tmp_path / "allbad.h5"
+    assert main(["simulate", "calo", "--n", "3", "--energy", "2000", "--out", str(path)]) == 0
+    with h5py.File(path, "r+") as f:
+        f["showers"][:, 0] = np.nan
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "3 events, no good event; 3 bad" in out

@@ -139,3 +139,16 @@ def test_lazy_handle_on_a_file_that_became_bad(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(DataError, match=re.escape(f"{path}: not an HDF5 file")):
         lazy.file
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    from pcfm.data.atomic import atomic_path
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"data")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

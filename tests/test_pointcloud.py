@@ -251,3 +251,14 @@ def test_lartpc_dataset_wraps_the_pilarnet_reader(tmp_path):
     assert dataset[1].particle_id.tolist() == [-1, -1, 1, 1, 1]
     batch = next(iter(DataLoader(dataset, batch_size=2)))
     assert batch.ptr.tolist() == [0, 6, 11] and batch.geometry == ["lartpc-768", "lartpc-768"]
+
+
+def test_event_class_ignores_the_charge():
+    from pcfm.data import CaloShowers, shower_to_data
+    from pcfm.geometry import get
+
+    geo = get("calochallenge-ds1-photons")
+    cells = np.zeros((4, geo.n_cells), np.float32)
+    cells[:, 0] = 10.0
+    showers = CaloShowers(np.full(4, 1000.0), cells, geo.name, particle=np.array([11, -11, 211, -211]))
+    assert [int(shower_to_data(showers, i, geo).y) for i in range(4)] == [0, 0, 2, 2]

@@ -60,6 +60,8 @@ def _cmd_simulate_lartpc(args) -> int:
     from pcfm.data import write_pilarnet
     from pcfm.sim import simulate_lartpc_events
 
+    if args.n < 1:
+        raise SystemExit("pcfm simulate lartpc: --n must be at least 1")
     target = _range(args.points) if args.points else None
     if isinstance(target, float):
         raise SystemExit("--points takes a range LO:HI")
@@ -82,9 +84,10 @@ def _cmd_inspect(args) -> int:
         fmt = detect_format(path)
         dataset = open_dataset(path, format=fmt, geometry=args.geometry, on_error="skip")
         report = dataset.scan()
-        sizes = dataset.event_sizes()
-        print(f"{path}: {fmt}, {report.n_checked} events, points per event median "
-              f"{np.median(sizes):.0f} (min {sizes.min()}, max {sizes.max()}); {report.n_skipped} bad")
+        sizes = dataset.event_sizes() if report.n_skipped < report.n_checked else np.zeros(0)
+        spread = (f"points per event median {np.median(sizes):.0f} (min {sizes.min()}, max {sizes.max()})"
+                  if sizes.size else "no good event")
+        print(f"{path}: {fmt}, {report.n_checked} events, {spread}; {report.n_skipped} bad")
         for problem in report.problems[: args.max_problems]:
             print(f"  {problem}")
         bad += report.n_skipped
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-problems", type=int, default=20)
     inspect.set_defaults(func=_cmd_inspect)
 
-    quick = sub.add_parser("quickstart", help="the 10-minute CPU tour on simulated data")
+    quick = sub.add_parser("quickstart", help="a tour of pcfm on simulated data (minutes on a CPU)")
     quick.add_argument("--workdir", type=Path, default=Path("pcfm_runs/quickstart"))
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(func=_cmd_quickstart)

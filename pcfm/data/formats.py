@@ -52,7 +52,9 @@ def open_dataset(paths_or_globs: PathLike | Iterable[PathLike], *, format: str =
         format: "auto", "calochallenge", "pilarnet" or "caloclouds".
         geometry: the detector geometry (name or object); defaults per format (CaloChallenge:
             from the file attribute or voxel count; PILArNet: lartpc-768; CaloClouds: none, so
-            points keep the file's coordinates and get zero cell sizes).
+            points keep the file's coordinates and get zero cell sizes). CaloClouds files keep
+            the layer index as y: give ``layer_pitch_mm`` (an option of
+            :class:`~pcfm.data.caloclouds.CaloCloudsDataset`) for y in mm; a warning says so otherwise.
         transform: applied to each Data item.
         **options: passed to the format's dataset (``min_points``, ``on_error``, ...).
     """
@@ -68,7 +70,13 @@ def open_dataset(paths_or_globs: PathLike | Iterable[PathLike], *, format: str =
 
         return LArTPCDataset(paths, geometry or "lartpc-768", transform=transform, **options)
     if format == "caloclouds":
+        import warnings
+
         from pcfm.data.caloclouds import CaloCloudsDataset
+
+        if options.get("layer_pitch_mm") is None:
+            warnings.warn(f"{paths[0]}: CaloClouds files store the layer index as y; pass layer_pitch_mm= "
+                          "to get y in mm (it stays in layer units otherwise)", stacklevel=2)
 
         return CaloCloudsDataset(paths, transform=_CloudsAsData(geometry, transform), **options)
     raise ValueError(f"unknown format {format!r}; choose auto, {', '.join(FORMAT_KEYS)}")

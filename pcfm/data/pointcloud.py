@@ -83,7 +83,7 @@ def _event_labels(incident_energy, theta, phi, particle) -> dict:
         "particle": _scalar(None if particle is None else int(particle), torch.long, UNKNOWN_PARTICLE),
     }
     if particle is not None and int(particle) != UNKNOWN_PARTICLE:
-        pdg = int(particle)
+        pdg = abs(int(particle))  # the class ignores the charge: e+ is an electron, pi- a pion
         fields["y"] = torch.tensor([PARTICLE_CLASSES.index(pdg) if pdg in PARTICLE_CLASSES else -1])
     return fields
 

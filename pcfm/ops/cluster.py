@@ -141,7 +141,7 @@ def fps(
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise ValueError(f"num must be an integer >= 1, got {num!r}")
-    # "auto" runs the torch path: it updates all events of the batch at once and was 4-6x
+    # "auto" runs the torch path: it updates all events of the batch at once and was 3-4x
     # faster than torch-cluster's per-event loop on CPU (benchmarks/RESULTS.md).
     chosen = _resolve_backend("torch" if backend == "auto" else backend, pos.device)
     if pos.shape[0] == 0:
