@@ -12,6 +12,10 @@ import torch
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests run many small tensor ops, for which a second thread costs more than it gives, and
+# which slow down tenfold when another process shares the two cores.
+torch.set_num_threads(1)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 

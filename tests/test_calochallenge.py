@@ -87,7 +87,7 @@ def test_voxel_order_is_layer_alpha_radial_with_radial_fastest(tmp_path):
     back = read_calochallenge(path)
     assert np.flatnonzero(back.showers[0]).tolist() == [3 * 144 + 5 * 9 + 2]  # 479
     data = shower_to_data(back, 0)
-    assert data.cell_index.tolist() == [479]
+    assert data.cell.tolist() == [479]
     x, y, z = data.pos[0].double().tolist()
     assert 3 * 3.4 <= z < 4 * 3.4
     assert 9.3 <= np.hypot(x, y) < 13.95

@@ -12,7 +12,7 @@ from pcfm.nn import BACKBONE_PRESETS, Backbone, BackboneConfig, condition_featur
 from pcfm.nn.blocks import AdaptiveLayerNorm
 from pcfm.nn.encoding import FourierFeatures, geometry_indices
 
-POINT_FIELDS = ("pos", "x", "energy", "cell_index", "semantic", "particle_id")
+POINT_FIELDS = ("pos", "x", "energy", "cell", "semantic", "particle_id")
 
 
 def showers(geometry, n, seed, energy=(1e3, 2e4)):

@@ -41,7 +41,7 @@ def test_every_calorimeter_preset_converts_to_physical_points_and_back_exactly(n
     np.testing.assert_array_equal(data.pos.numpy(), geometry.centers().astype(np.float32))
     np.testing.assert_array_equal(data.x[:, 1:].numpy(), geometry.sizes().astype(np.float32))
     np.testing.assert_allclose(data.x[:, 0].numpy(), math.log(2.0), rtol=1e-6)
-    assert data.pos.dtype == torch.float32 and data.x.dtype == torch.float32 and data.cell_index.dtype == torch.long
+    assert data.pos.dtype == torch.float32 and data.x.dtype == torch.float32 and data.cell.dtype == torch.long
     # points lie inside the calorimeter: depth within the layers, radius within the outer edge
     z, radius = data.pos[:, 2].double(), torch.linalg.norm(data.pos[:, :2].double(), dim=1)
     assert z.min() > 0 and z.max() < geometry.depth_mm
@@ -61,11 +61,11 @@ def test_point_features_and_event_fields():
     data = shower_to_data(showers, 1)
     cells = showers.showers[1]
     kept = np.flatnonzero(cells >= 0.01515)
-    np.testing.assert_array_equal(data.cell_index.numpy(), kept)
+    np.testing.assert_array_equal(data.cell.numpy(), kept)
     np.testing.assert_array_equal(data.energy.numpy(), cells[kept])
     np.testing.assert_allclose(data.x[:, 0].numpy(), np.log(cells[kept]), rtol=1e-6)
     # dataset 2 cells: 4.65 mm radial width, arc = r_mid * 2 pi / 16, depth 3.4 mm
-    r_mid = (data.cell_index.numpy() % 9 + 0.5) * 4.65
+    r_mid = (data.cell.numpy() % 9 + 0.5) * 4.65
     np.testing.assert_allclose(data.x[:, 1].numpy(), 4.65, rtol=1e-6)
     np.testing.assert_allclose(data.x[:, 2].numpy(), r_mid * 2 * np.pi / 16, rtol=1e-6)
     np.testing.assert_allclose(data.x[:, 3].numpy(), 3.4, rtol=1e-6)
@@ -84,8 +84,8 @@ def test_threshold_drops_cells_below_the_readout_threshold():
     cells[0, [10, 20, 30, 40]] = [0.01, 0.01515, 0.02, 5.0]
     showers = CaloShowers([5000.0], cells, "calochallenge-ds2")
     data = shower_to_data(showers, 0)
-    assert data.cell_index.tolist() == [20, 30, 40]  # >= 15.15 keV kept, as the official evaluation
-    assert shower_to_data(showers, 0, threshold=0.0).cell_index.tolist() == [10, 20, 30, 40]
+    assert data.cell.tolist() == [20, 30, 40]  # >= 15.15 keV kept, as the official evaluation
+    assert shower_to_data(showers, 0, threshold=0.0).cell.tolist() == [10, 20, 30, 40]
     back = data_to_showers(data, "calochallenge-ds2").showers[0]
     assert back[10] == 0 and back[[20, 30, 40]].tolist() == cells[0, [20, 30, 40]].tolist()
 
@@ -145,7 +145,7 @@ def test_caloclouds_real_showers_convert_with_all_their_points():
         np.testing.assert_array_equal(graph.pos.numpy(), real[:, :3])
         np.testing.assert_allclose(graph.energy.numpy(), real[:, 3] * 1000.0, rtol=1e-6)
         np.testing.assert_allclose(graph.x[:, 0].numpy(), np.log(real[:, 3] * 1000.0), rtol=1e-5, atol=1e-5)
-        assert graph.x[:, 1:].abs().sum() == 0 and graph.cell_index.eq(-1).all()
+        assert graph.x[:, 1:].abs().sum() == 0 and graph.cell.eq(-1).all()
         assert graph.incident_energy.item() == pytest.approx(energy * 1000.0)
         assert graph.geometry == ""
     batch = Batch.from_data_list(graphs)
@@ -157,7 +157,7 @@ def test_cloud_with_geometry_gets_cells_and_bad_clouds_are_refused():
     centres = geometry.centers([0, 100])
     points = np.column_stack([np.vstack([centres, [[0.0, 0.0, -1.0]]]), [1.0, 2.0, 3.0]])
     data = cloud_to_data(np.vstack([points, np.zeros((2, 4))]), 500.0, geometry, particle=PION)
-    assert data.cell_index.tolist() == [0, 100, -1] and data.y.tolist() == [2]
+    assert data.cell.tolist() == [0, 100, -1] and data.y.tolist() == [2]
     np.testing.assert_allclose(data.x[:2, 1:].numpy(), geometry.sizes([0, 100]), rtol=1e-6)
     assert data.x[2, 1:].tolist() == [0.0, 0.0, 0.0]
     points[1, 3] = -1.0
@@ -196,7 +196,7 @@ def test_shower_dataset_yields_the_conversion_of_each_shower():
     showers = sparse_showers("calochallenge-ds1-pions", n=4)
     dataset = ShowerDataset(showers)
     assert len(dataset) == 4
-    assert torch.equal(dataset[2].cell_index, shower_to_data(showers, 2).cell_index)
+    assert torch.equal(dataset[2].cell, shower_to_data(showers, 2).cell)
     assert dataset.event_sizes().tolist() == np.count_nonzero(showers.showers, axis=1).tolist()
 
 
@@ -222,7 +222,7 @@ def test_calochallenge_dataset_with_two_workers_sees_every_event_once(tmp_path):
 
     data = dataset[9]  # event 2 of b.h5
     reference = shower_to_data(second, 2)
-    assert torch.equal(data.cell_index, reference.cell_index) and torch.equal(data.energy, reference.energy)
+    assert torch.equal(data.cell, reference.cell) and torch.equal(data.energy, reference.energy)
 
 
 def test_calochallenge_dataset_names_bad_events_and_filters_small_ones(tmp_path):
@@ -262,3 +262,19 @@ def test_event_class_ignores_the_charge():
     cells[:, 0] = 10.0
     showers = CaloShowers(np.full(4, 1000.0), cells, geo.name, particle=np.array([11, -11, 211, -211]))
     assert [int(shower_to_data(showers, i, geo).y) for i in range(4)] == [0, 0, 2, 2]
+
+
+def test_batching_keeps_the_cells_of_each_event():
+    """PyG offsets keys containing 'index' when batching; the cell field must not be one."""
+    from torch_geometric.data import Batch
+
+    from pcfm.data import CaloShowers, shower_to_data
+    from pcfm.geometry import get
+
+    geo = get("calochallenge-ds1-photons")
+    cells = np.zeros((2, geo.n_cells), np.float32)
+    cells[0, [3, 7]] = 5.0
+    cells[1, [3, 9]] = 5.0
+    showers = CaloShowers(np.full(2, 1000.0), cells, geo.name)
+    batch = Batch.from_data_list([shower_to_data(showers, i, geo) for i in range(2)])
+    assert batch.cell.tolist() == [3, 7, 3, 9]

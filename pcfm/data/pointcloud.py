@@ -8,8 +8,9 @@ Fields of a calorimeter shower (:func:`shower_to_data`, :func:`cells_to_data`, :
     ``x``                [n, 4] float32, :data:`POINT_FEATURES`: log(energy / 1 MeV) and the
                          cell's radial width, arc length and depth in mm.
     ``energy``           [n] float32, MeV.
-    ``cell_index``       [n] long, the cell of each point (-1 where a point has none), for exact
-                         round trips.
+    ``cell``             [n] long, the cell of each point (-1 where a point has none), for exact
+                         round trips. (Not ``cell_index``: PyG's ``Batch`` would offset a key
+                         containing "index" by the number of points before it.)
     ``incident_energy``  [1] float32, MeV.
     ``theta``, ``phi``   [1] float32, radians of the incident particle; NaN when unknown.
     ``particle``         [1] long PDG code; :data:`UNKNOWN_PARTICLE` (0) when unknown.
@@ -110,7 +111,7 @@ def cells_to_data(cells: np.ndarray, incident_energy: float, geometry: GeometryL
         pos=torch.from_numpy(geometry.centers(index).astype(np.float32)),
         x=point_features(energy, geometry.sizes(index)),
         energy=torch.from_numpy(energy),
-        cell_index=torch.from_numpy(index.astype(np.int64)),
+        cell=torch.from_numpy(index.astype(np.int64)),
         geometry=geometry.name,
         **_event_labels(incident_energy, theta, phi, particle),
     )
@@ -137,8 +138,8 @@ def cloud_to_data(points, incident_energy: float, geometry: Optional[GeometryLik
     """A shower given as points (n, 4) = x, y, z (mm), energy (MeV), e.g. a CaloClouds event.
 
     Rows of zero energy are padding and dropped. With ``geometry``, each point gets the cell it
-    lies in (``cell_index``) and that cell's sizes as features; points outside every cell, and
-    all points when no geometry is given, get sizes 0 and ``cell_index`` -1. Non-finite values
+    lies in (``cell``) and that cell's sizes as features; points outside every cell, and
+    all points when no geometry is given, get sizes 0 and ``cell`` -1. Non-finite values
     or negative energies raise a DataError naming ``path`` and ``event`` when given.
     """
     points = np.asarray(points.cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
@@ -162,7 +163,7 @@ def cloud_to_data(points, incident_energy: float, geometry: Optional[GeometryLik
         pos=torch.from_numpy(points[:, :3].astype(np.float32)),
         x=point_features(points[:, 3], sizes),
         energy=torch.from_numpy(points[:, 3].astype(np.float32)),
-        cell_index=torch.from_numpy(cell_index),
+        cell=torch.from_numpy(cell_index),
         geometry=name,
         **_event_labels(incident_energy, theta, phi, particle),
     )
