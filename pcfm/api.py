@@ -1,0 +1,168 @@
+"""High-level entry points of pcfm: :func:`pretrain`.
+
+``pcfm.pretrain()`` with no argument pretrains the tiny backbone by masked point modelling on
+showers simulated on the fly (CaloChallenge dataset-2 geometry) and writes checkpoints and logs
+to ``pcfm_runs/pretrain``; run it again and it resumes where it stopped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import lightning as L
+
+from pcfm.engine.data import PretrainDataModule
+from pcfm.engine.training import checkpoint_path, fit, make_trainer, read_history
+from pcfm.nn import BACKBONE_PRESETS, BackboneConfig
+from pcfm.tasks.pretrain import PretrainModule
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns.
+
+    Attributes:
+        module: the trained :class:`~pcfm.tasks.pretrain.PretrainModule` (``.backbone`` is the encoder).
+        checkpoint_path: ``workdir/checkpoints/last.ckpt``, reloadable with
+            ``PretrainModule.load_from_checkpoint``.
+        workdir: the run's folder.
+        metrics: final values: ``train/loss`` and its terms at the last training step, and
+            ``val/loss`` and its terms on the validation set at the final weights (when there
+            is one).
+        history: one dict per logged step (``step``, ``train/loss``, ``train/mpm/chamfer``, ...,
+            ``val/...`` where validated), from the CSV logs of the run and its resumptions.
+    """
+
+    module: PretrainModule
+    checkpoint_path: Path
+    workdir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def backbone_config(model: str | BackboneConfig | Mapping[str, Any]) -> BackboneConfig:
+    """A backbone config from a preset name, a config, or a dict ``{"preset": name, **overrides}``
+    (no "preset": overrides of the default :class:`~pcfm.nn.BackboneConfig`)."""
+    if isinstance(model, BackboneConfig):
+        return model
+    if isinstance(model, str):
+        model = {"preset": model}
+    overrides = dict(model)
+    preset = overrides.pop("preset", None)
+    if preset is None:
+        return BackboneConfig.from_dict(overrides)
+    if preset not in BACKBONE_PRESETS:
+        raise ValueError(f"unknown backbone preset {preset!r}; choose from {sorted(BACKBONE_PRESETS)}")
+    base = BACKBONE_PRESETS[preset].to_dict()
+    return BackboneConfig.from_dict({**base, **overrides})
+
+
+def objective_weights(objective: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:
+    """``"mpm"``, ``"mpm+diffusion"``, ``["mpm", "diffusion"]`` or ``{"mpm": 1.0, "diffusion": 0.5}``
+    as objective name -> loss weight."""
+    if isinstance(objective, str):
+        objective = [name.strip() for name in objective.split("+")]
+    if not isinstance(objective, Mapping):
+        objective = {name: 1.0 for name in objective}
+    if not objective:
+        raise ValueError("give at least one objective")
+    return {name: float(weight) for name, weight in objective.items()}
+
+
+def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data: Any = None, *,
+             geometry: str | Sequence[str] | None = None,
+             model: str | BackboneConfig | Mapping[str, Any] = "tiny", max_steps: int = 1000,
+             batch_points: int = 20_000, lr: float = 1e-3, warmup_steps: Optional[int] = None,
+             weight_decay: float = 0.05, mask_ratio: Optional[float] = None,
+             objective_options: Optional[Mapping[str, Mapping[str, Any]]] = None, n_events: int = 1024,
+             val_fraction: float = 0.1, workdir: str | os.PathLike = "pcfm_runs/pretrain", resume: bool = True,
+             accelerator: str = "auto", devices: Any = "auto", strategy: Any = "auto",
+             precision: Optional[str] = None, num_workers: int = 0, seed: int = 0, log_every_n_steps: int = 10,
+             checkpoint_every_n_steps: int = 100, val_every_n_steps: Optional[int] = None,
+             gradient_clip_val: float = 1.0, callbacks: Optional[Sequence[L.Callback]] = None,
+             progress: bool = True, deterministic: bool | str = False,
+             data_options: Optional[Mapping[str, Any]] = None) -> PretrainResult:
+    """Pretrain a backbone by masked point modelling, point diffusion or both, and save it.
+
+    Args:
+        objective: "mpm", "diffusion", "mpm+diffusion", a list of names, or name -> loss weight.
+        data: training data: file paths / globs / folders in any format
+            :func:`pcfm.data.open_dataset` reads, or a dataset (or list) of PyG ``Data`` point
+            clouds; None simulates ``n_events`` events per ``geometry`` into memory.
+        geometry: geometry name or list of names to simulate (default "calochallenge-ds2";
+            "lartpc-768" for LArTPC events); with files, a name given here overrides the
+            geometry ``open_dataset`` finds per file (default: keep it).
+        model: backbone preset ("tiny", "small", "base"), a BackboneConfig, or a dict
+            ``{"preset": "small", "depth": 8, ...}`` of overrides.
+        max_steps: optimiser steps; the learning-rate schedule ends here.
+        batch_points: point budget of a batch (events are packed up to it).
+        lr: peak AdamW learning rate.
+        warmup_steps: linear warm-up steps (default ``min(100, max_steps // 10)``).
+        weight_decay: AdamW weight decay on weight matrices.
+        mask_ratio: share of tokens masked by "mpm" (default its own, 0.6).
+        objective_options: objective name -> constructor keywords, e.g.
+            ``{"mpm": {"decoder_depth": 1, "energy_weighted_chamfer": True}}``.
+        n_events: simulated events per geometry (``data=None`` only).
+        val_fraction: share of events held out for validation (0: none).
+        workdir: folder of checkpoints (``checkpoints/last.ckpt``) and CSV logs (``logs/``).
+        resume: continue from ``workdir/checkpoints/last.ckpt`` when it exists; False starts
+            afresh (and overwrites it).
+        accelerator, devices, strategy: as in Lightning ("cpu", "gpu", 2, "ddp", ...); DDP gets
+            ``find_unused_parameters=True``.
+        precision: None: bf16 mixed precision on a GPU, fp32 on CPU.
+        num_workers: DataLoader worker processes.
+        seed: seeds the weights, the simulation, the split, the batch order and every step's masks.
+        log_every_n_steps: logging (and progress) interval.
+        checkpoint_every_n_steps: ``last.ckpt`` interval (it is also written at the end).
+        val_every_n_steps: validation interval (default ``checkpoint_every_n_steps``).
+        gradient_clip_val: global gradient-norm clip (0: none).
+        callbacks: more Lightning callbacks.
+        progress: show a progress bar.
+        deterministic: Lightning's ``deterministic`` (True / "warn" make GPU runs reproducible, slower).
+        data_options: more :class:`~pcfm.engine.data.PretrainDataModule` keywords
+            (``particles``, ``energy_range``, ``theta_range``, ``lartpc_points``, ``max_events``,
+            ``min_points``, ``dataset_options``).
+
+    Returns:
+        :class:`PretrainResult`.
+
+    Raises:
+        CheckpointError: ``last.ckpt`` is corrupt, or belongs to another model (with ``resume``).
+        TrainingDivergedError: a loss became NaN or infinite (the message names the step,
+            the term and the batch).
+    """
+    weights = objective_weights(objective)
+    options = {name: dict((objective_options or {}).get(name, {})) for name in weights}
+    unknown = set(objective_options or {}) - set(weights)
+    if unknown:
+        raise ValueError(f"objective_options given for {sorted(unknown)}, which are not trained ({sorted(weights)})")
+    if mask_ratio is not None:
+        if "mpm" not in weights:
+            raise ValueError("mask_ratio applies to the 'mpm' objective, which is not trained")
+        options["mpm"]["mask_ratio"] = mask_ratio
+    if warmup_steps is None:
+        warmup_steps = min(100, max_steps // 10)
+    workdir = Path(workdir)
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = PretrainModule(backbone_config(model), objectives=options, weights=weights, lr=lr,
+                            weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
+    datamodule = PretrainDataModule(data, geometry=geometry, n_events=n_events, val_fraction=val_fraction,
+                                    batch_points=batch_points, num_workers=num_workers, seed=seed,
+                                    **dict(data_options or {}))
+    trainer = make_trainer(workdir, max_steps=max_steps, accelerator=accelerator, devices=devices, strategy=strategy,
+                           precision=precision, gradient_clip_val=gradient_clip_val,
+                           log_every_n_steps=log_every_n_steps, checkpoint_every_n_steps=checkpoint_every_n_steps,
+                           val_every_n_steps=val_every_n_steps, callbacks=callbacks, progress=progress,
+                           deterministic=deterministic)
+    fit(trainer, module, datamodule, resume=resume)
+    last = checkpoint_path(workdir)
+
+    history = read_history(workdir)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("train/")}
+    if val_fraction > 0:
+        for results in trainer.validate(module, datamodule=datamodule, verbose=False):
+            metrics.update({key: float(value) for key, value in results.items()})
+    return PretrainResult(module=module, checkpoint_path=last, workdir=workdir, metrics=metrics, history=history)

@@ -1,0 +1,238 @@
+"""Masked point modelling: hide a share of each event's point groups and reconstruct them.
+
+As in Point-MAE and PoLAr-MAE, adapted to detector data with energies:
+
+1. the backbone tokenises each event once (:meth:`~pcfm.nn.Backbone.tokenize`: FPS centres,
+   kNN groups of ``group_size`` points, a mini-PointNet per group);
+2. a random share ``mask_ratio`` of each event's tokens is hidden (:func:`draw_mask`);
+3. the backbone encodes the visible tokens only (``backbone.encode(tokens, keep_mask)``), so
+   no hidden group's points reach the encoder through its token;
+4. a light decoder (:class:`MaskDecoder`: transformer-GNN blocks of the backbone's kind over
+   all tokens, a learned mask token standing in for each hidden one, positions embedded with
+   Fourier features of the token centre) predicts, for each hidden group, ``group_size`` points:
+   their offsets from the group centre in units of ``position_scale_mm`` and their energies in
+   the backbone's log-energy units (``log(E / MeV)``, column 0 of ``data.x``);
+5. the loss compares predicted and true points of each hidden group (:func:`mpm_terms`).
+
+A group has fewer than ``group_size`` points when its event does; such a group is compared
+with the first as many predicted slots, the other slots are ignored (padding).
+
+Loss (weights are constructor arguments)::
+
+    loss = chamfer_weight * chamfer + point_energy_weight * point_energy
+           + total_energy_weight * total_energy
+
+- ``chamfer``: squared-distance Chamfer distance between the predicted and true offsets of a
+  group (in ``position_scale_mm`` units), averaged over hidden groups (:func:`chamfer_distance`).
+  With ``energy_weighted_chamfer`` the true-to-predicted half weighs each true point by its share
+  of the group's energy, so the high-energy core of a shower counts more than its halo.
+- ``point_energy``: Huber loss between each true point's log-energy and that of its nearest
+  predicted point (nearest by position), averaged per group, then over groups.
+- ``total_energy``: Huber loss between the log of the group's predicted and true total energy.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pcfm.nn import Backbone, BackboneConfig, Tokens
+from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock
+from pcfm.nn.encoding import FourierFeatures, FourierMLP
+from pcfm.nn.tokenizer import offsets
+from pcfm.ops import knn_graph
+from pcfm.tasks.objective import Objective
+
+
+def draw_mask(ptr: Tensor, ratio: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Boolean mask (T,) of the hidden tokens of a ragged batch with token offsets ``ptr`` (B + 1,).
+
+    Event ``b`` with ``n_b`` tokens hides ``round(ratio * n_b)`` of them, chosen uniformly at
+    random, but keeps at least one visible and, when ``n_b >= 2``, hides at least one.
+    Random numbers come from ``generator`` (default: torch's global generator).
+    """
+    counts = ptr[1:] - ptr[:-1]
+    num_tokens = int(ptr[-1])
+    batch = torch.repeat_interleave(torch.arange(len(counts), device=ptr.device), counts)
+    hidden = torch.round(ratio * counts.double()).long()
+    hidden = torch.minimum(hidden, (counts - 1).clamp(min=0))
+    hidden = torch.maximum(hidden, (counts >= 2).long())
+    score = torch.rand(num_tokens, generator=generator, device=generator.device if generator else ptr.device)
+    order = torch.argsort(batch.double() + score.to(ptr.device, torch.float64))  # random order within events
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_tokens, device=ptr.device) - ptr[batch[order]]
+    return rank < hidden[batch]
+
+
+def chamfer_distance(prediction: Tensor, target: Tensor, valid: Tensor,
+                     target_weight: Optional[Tensor] = None) -> Tensor:
+    """Chamfer distance (G,) between point sets of equal, ragged size, one pair per group.
+
+    ``prediction`` and ``target`` are (G, K, D), ``valid`` (G, K) marks the real points of both
+    (the same slots; padding is ignored). The distance of a group is
+    ``mean_i min_j |p_i - t_j|^2 + mean_j min_i |p_i - t_j|^2`` over its valid points; with
+    ``target_weight`` (G, K), the second mean is weighted by it (weights are normalised per
+    group). A group without valid points gives 0.
+    """
+    squared = (prediction[:, :, None, :] - target[:, None, :, :]).square().sum(-1)  # (G, K_pred, K_target)
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    squared = squared.masked_fill(~pair_valid, torch.inf)
+    to_target = squared.amin(2).masked_fill(~valid, 0.0)  # nearest target of each prediction
+    to_prediction = squared.amin(1).masked_fill(~valid, 0.0)  # nearest prediction of each target
+    count = valid.sum(1).clamp(min=1).to(prediction.dtype)
+    if target_weight is None:
+        target_weight = valid.to(prediction.dtype)
+    target_weight = target_weight * valid
+    target_weight = target_weight / target_weight.sum(1, keepdim=True).clamp(min=torch.finfo(prediction.dtype).tiny)
+    return to_target.sum(1) / count + (to_prediction * target_weight).sum(1)
+
+
+class MaskDecoder(nn.Module):
+    """Visible token features + mask tokens -> per hidden group, ``group_size`` points (offset, log E).
+
+    The blocks are the backbone's :class:`~pcfm.nn.blocks.TransformerGNNBlock` (local kNN-graph
+    attention with relative-position bias, global event attention with distance penalties,
+    AdaLN conditioned on the event), so the decoder sees the same geometry as the encoder.
+    """
+
+    def __init__(self, config: BackboneConfig, depth: int):
+        super().__init__()
+        c = config
+        wavelengths = dict(min_wavelength=c.min_wavelength_mm, max_wavelength=c.max_wavelength_mm)
+        self.config = config
+        self.mask_token = nn.Parameter(torch.zeros(c.width))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.position_embedding = FourierMLP(c.width, c.num_frequencies, **wavelengths)
+        self.edge_fourier = FourierFeatures(c.num_frequencies, **wavelengths)
+        self.blocks = nn.ModuleList(
+            TransformerGNNBlock(c.width, c.heads, c.cond_dim, self.edge_fourier.out_dim, mlp_ratio=c.mlp_ratio,
+                                distance_scales_mm=c.distance_scales_mm, attention_backend=c.attention_backend)
+            for _ in range(depth))
+        self.norm = AdaptiveLayerNorm(c.width, c.cond_dim)
+        self.head = nn.Linear(c.width, c.group_size * 4)  # per point: 3 offsets + log-energy
+
+    def forward(self, tokens: Tokens, visible_features: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Predicted offsets (G, K, 3) (in units of the objective's scale) and log-energies (G, K)
+        of the ``G = hidden.sum()`` hidden groups, in token order."""
+        dtype = self.mask_token.dtype
+        x = self.mask_token.expand(hidden.shape[0], -1).clone()
+        x[~hidden] = visible_features.to(dtype)
+        x = x + self.position_embedding(tokens.pos - tokens.centroid[tokens.batch]).to(dtype)
+        edge_index = knn_graph(tokens.pos, self.config.local_k, tokens.batch, loop=True,
+                               backend=self.config.cluster_backend)
+        source, destination = edge_index
+        edge_features = self.edge_fourier(tokens.pos[source] - tokens.pos[destination])
+        for block in self.blocks:
+            x = block(x, condition=tokens.condition, batch=tokens.batch, ptr=tokens.ptr, pos=tokens.pos,
+                      edge_index=edge_index, edge_features=edge_features)
+        x = self.norm(x, tokens.condition, tokens.batch)[hidden]
+        points = self.head(x).float().unflatten(1, (self.config.group_size, 4))
+        return points[..., :3], points[..., 3]
+
+
+def hidden_group_targets(data, tokens: Tokens, hidden: Tensor, group_size: int, position_scale_mm: float
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """True points of the hidden groups, padded: offsets (G, K, 3) from the group centre in units
+    of ``position_scale_mm``, log-energies (G, K) (``data.x[:, 0]``) and the valid mask (G, K)."""
+    group_start = offsets(tokens.group_token, tokens.pos.shape[0])
+    slot = torch.arange(tokens.group_token.shape[0], device=hidden.device) - group_start[tokens.group_token]
+    member = hidden[tokens.group_token]
+    token, slot, point = tokens.group_token[member], slot[member], tokens.group_point[member]
+    group = torch.cumsum(hidden, 0)[token] - 1  # index among the hidden groups
+    num_groups = int(hidden.sum())
+    offset = torch.zeros(num_groups, group_size, 3, device=hidden.device)
+    log_energy = torch.zeros(num_groups, group_size, device=hidden.device)
+    valid = torch.zeros(num_groups, group_size, dtype=torch.bool, device=hidden.device)
+    offset[group, slot] = (data.pos[point].float() - tokens.pos[token].float()) / position_scale_mm
+    log_energy[group, slot] = data.x[point, 0].float()
+    valid[group, slot] = True
+    return offset, log_energy, valid
+
+
+def mpm_terms(predicted_offset: Tensor, predicted_log_energy: Tensor, offset: Tensor, log_energy: Tensor,
+              valid: Tensor, *, huber_delta: float = 1.0, energy_weighted_chamfer: bool = False
+              ) -> dict[str, Tensor]:
+    """The three loss terms (scalars) of the module docstring, from padded predictions and targets."""
+    target_weight = None
+    if energy_weighted_chamfer:
+        target_weight = torch.softmax(log_energy.masked_fill(~valid, -torch.inf), dim=1).nan_to_num(0.0)
+    chamfer = chamfer_distance(predicted_offset, offset, valid, target_weight)
+
+    # Each true point's energy against its nearest predicted point's (the match gets no gradient).
+    squared = (offset[:, :, None, :] - predicted_offset[:, None, :, :].detach()).square().sum(-1)
+    squared = squared.masked_fill(~(valid[:, :, None] & valid[:, None, :]), torch.inf)
+    nearest = squared.argmin(2)  # (G, K): predicted slot nearest to each true point
+    matched = predicted_log_energy.gather(1, nearest)
+    point_error = F.huber_loss(matched, log_energy, delta=huber_delta, reduction="none") * valid
+    point_energy = point_error.sum(1) / valid.sum(1).clamp(min=1)
+
+    log_total = lambda values: torch.logsumexp(values.masked_fill(~valid, -torch.inf), dim=1)  # noqa: E731
+    total_energy = F.huber_loss(log_total(predicted_log_energy), log_total(log_energy), delta=huber_delta,
+                                reduction="none")
+    return {"chamfer": chamfer.mean(), "point_energy": point_energy.mean(), "total_energy": total_energy.mean()}
+
+
+class MaskedPointModelling(Objective):
+    """Masked point modelling (module docstring): hide groups, encode the rest, rebuild the hidden.
+
+    Args:
+        backbone_config: the backbone's configuration (decoder sizes and group size follow it).
+        mask_ratio: share of each event's tokens to hide (Point-MAE and PoLAr-MAE use 0.6).
+        decoder_depth: transformer-GNN blocks of the decoder.
+        position_scale_mm: unit of the predicted and true offsets: 10 mm is about a calorimeter
+            cell and three LArTPC voxels, so offsets inside a group are of order 1.
+        chamfer_weight, point_energy_weight, total_energy_weight: weights of the loss terms.
+        huber_delta: where the Huber losses on log-energies turn from quadratic to linear (an
+            energy off by a factor e^delta).
+        energy_weighted_chamfer: weigh the true points of the Chamfer distance by energy share.
+    """
+
+    name = "mpm"
+
+    def __init__(self, backbone_config: BackboneConfig, *, mask_ratio: float = 0.6, decoder_depth: int = 2,
+                 position_scale_mm: float = 10.0, chamfer_weight: float = 1.0, point_energy_weight: float = 1.0,
+                 total_energy_weight: float = 1.0, huber_delta: float = 1.0, energy_weighted_chamfer: bool = False):
+        super().__init__()
+        if not 0.0 <= mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
+        if position_scale_mm <= 0:
+            raise ValueError(f"position_scale_mm must be > 0, got {position_scale_mm}")
+        self.mask_ratio = float(mask_ratio)
+        self.decoder_depth = int(decoder_depth)
+        self.position_scale_mm = float(position_scale_mm)
+        self.weights = {"chamfer": float(chamfer_weight), "point_energy": float(point_energy_weight),
+                        "total_energy": float(total_energy_weight)}
+        self.huber_delta = float(huber_delta)
+        self.energy_weighted_chamfer = bool(energy_weighted_chamfer)
+        self.group_size = backbone_config.group_size
+        self.decoder = MaskDecoder(backbone_config, self.decoder_depth)
+
+    def config(self) -> dict[str, Any]:
+        return {"mask_ratio": self.mask_ratio, "decoder_depth": self.decoder_depth,
+                "position_scale_mm": self.position_scale_mm, "chamfer_weight": self.weights["chamfer"],
+                "point_energy_weight": self.weights["point_energy"],
+                "total_energy_weight": self.weights["total_energy"], "huber_delta": self.huber_delta,
+                "energy_weighted_chamfer": self.energy_weighted_chamfer}
+
+    def predict(self, backbone: Backbone, tokens: Tokens, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode the visible tokens and decode the hidden groups: offsets (G, K, 3), log-energies (G, K)."""
+        visible_features = backbone.encode(tokens, keep_mask=~hidden)
+        return self.decoder(tokens, visible_features, hidden)
+
+    def loss(self, backbone: Backbone, batch, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        tokens = backbone.tokenize(batch)
+        hidden = draw_mask(tokens.ptr, self.mask_ratio, generator)
+        predicted_offset, predicted_log_energy = self.predict(backbone, tokens, hidden)
+        offset, log_energy, valid = hidden_group_targets(batch, tokens, hidden, self.group_size,
+                                                         self.position_scale_mm)
+        if not valid.any():  # every event has a single token: nothing to rebuild
+            zero = predicted_offset.sum() * 0.0
+            terms = {"chamfer": zero, "point_energy": zero, "total_energy": zero}
+        else:
+            terms = mpm_terms(predicted_offset, predicted_log_energy, offset, log_energy, valid,
+                              huber_delta=self.huber_delta, energy_weighted_chamfer=self.energy_weighted_chamfer)
+        terms["loss"] = sum(self.weights[name] * terms[name] for name in self.weights)
+        terms["hidden_fraction"] = hidden.float().mean().detach()
+        return terms

@@ -1,0 +1,88 @@
+"""generate(): a pretrained diffusion checkpoint to point clouds, cells and a CaloChallenge file."""
+import numpy as np
+import pytest
+import torch
+
+import pcfm.api
+from pcfm.data import ShowerDataset, data_to_showers, read_calochallenge
+from pcfm.generate import generate
+from pcfm.sim import simulate_showers
+from pcfm.tasks.pretrain import CheckpointError, PretrainModule
+
+GEOMETRY = "calochallenge-ds2"
+TRANSFORM = {"kind": "power", "exponent": 0.5}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny diffusion model pretrained for a few steps on low-energy showers (10-60 points)."""
+    showers = simulate_showers(GEOMETRY, 24, energy=(100.0, 300.0), seed=0)
+    return pcfm.api.pretrain("diffusion", data=ShowerDataset(showers), model="tiny", max_steps=3, batch_points=600,
+                             val_fraction=0, workdir=tmp_path_factory.mktemp("run"), progress=False,
+                             objective_options={"diffusion": {"energy_transform": TRANSFORM}})
+
+
+def test_generate_writes_a_valid_calochallenge_file(pretrained, tmp_path, capsys):
+    energies = np.array([150.0, 200.0, 250.0, 120.0, 180.0])
+    out = tmp_path / "generated.h5"
+    result = generate(pretrained.checkpoint_path, GEOMETRY, energies, theta=1.4, steps=4, batch_size=2,
+                      device="cpu", seed=0, out=out)
+    assert "5/5 showers sampled" in capsys.readouterr().out  # three batches: progress is printed
+    assert result.path == out and result.seconds > 0
+    written = read_calochallenge(out)
+    assert len(written) == 5 and written.geometry == GEOMETRY
+    np.testing.assert_allclose(written.incident_energies, energies, rtol=1e-7)
+    np.testing.assert_allclose(written.theta, 1.4, rtol=1e-7)
+    assert np.all(written.showers.sum(1) > 0)
+    np.testing.assert_array_equal(written.showers, result.showers.showers)
+    # the cells are the points summed into the geometry, cells below threshold zeroed
+    assert len(result.points) == 5
+    for data, energy in zip(result.points, energies):
+        assert data.geometry == GEOMETRY and float(data.incident_energy) == pytest.approx(energy)
+        assert torch.all(torch.isfinite(data.pos)) and torch.all(data.energy > 0)
+    redeposited = data_to_showers(result.points, GEOMETRY, on_outside="ignore").showers
+    redeposited[redeposited < 0.01515] = 0
+    np.testing.assert_allclose(result.showers.showers, redeposited, rtol=1e-5, atol=1e-6)
+    outside = np.array([float(d.energy[d.cell < 0].sum()) for d in result.points])
+    np.testing.assert_allclose(result.energy_outside, outside, rtol=1e-4, atol=1e-6)
+
+
+def test_the_energy_transform_survives_the_checkpoint(pretrained):
+    trained = pretrained.module.objectives["diffusion"]
+    loaded = PretrainModule.load_from_checkpoint(pretrained.checkpoint_path).objectives["diffusion"]
+    stored = loaded.energy_transform.to_dict()
+    assert stored == trained.energy_transform.to_dict()
+    assert stored["kind"] == "power" and stored["exponent"] == 0.5 and stored["std"] != 1.0
+    assert torch.equal(loaded.position_scale, trained.position_scale)
+    assert torch.equal(loaded.n_points_quantiles, trained.n_points_quantiles)
+    # generation from the file and from the module in memory agree exactly, and are seeded
+    options = dict(steps=3, device="cpu", seed=5)
+    from_file = generate(pretrained.checkpoint_path, GEOMETRY, [200.0, 140.0], **options)
+    in_memory = generate(pretrained.module, GEOMETRY, [200.0, 140.0], **options)
+    np.testing.assert_array_equal(from_file.showers.showers, in_memory.showers.showers)
+    for a, b in zip(from_file.points, in_memory.points):
+        assert torch.equal(a.pos, b.pos) and torch.equal(a.energy, b.energy)
+    other_seed = generate(pretrained.module, GEOMETRY, [200.0, 140.0], **{**options, "seed": 6})
+    assert not np.array_equal(other_seed.showers.showers, in_memory.showers.showers)
+
+
+def test_points_only_geometry_and_given_numbers_of_points(pretrained):
+    result = generate(pretrained.module, "lartpc-768", [1e3, 2e3], n_points=[4, 9], steps=2, device="cpu",
+                      seed=0, sampler="stochastic")
+    assert result.showers is None and result.energy_outside is None and result.path is None
+    assert [d.num_nodes <= n for d, n in zip(result.points, (4, 9))] == [True, True]
+    assert all(d.geometry == "lartpc-768" for d in result.points)
+
+
+def test_bad_requests_raise(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="shower 1 has -5.0"):
+        generate(pretrained.module, GEOMETRY, [100.0, -5.0], device="cpu")
+    with pytest.raises(ValueError, match="need a calorimeter geometry; 'lartpc-768' is a voxel_grid"):
+        generate(pretrained.module, "lartpc-768", [100.0], n_points=3, out=tmp_path / "x.h5", device="cpu")
+    with pytest.raises(ValueError, match="theta must be one value or one per shower"):
+        generate(pretrained.module, GEOMETRY, [100.0, 120.0], theta=[1.0, 1.2, 1.3], device="cpu")
+    no_diffusion = r"holds no diffusion objective to generate with \(objectives: \['mpm'\]\)"
+    with pytest.raises(CheckpointError, match=no_diffusion):
+        generate(PretrainModule({"width": 32, "heads": 2, "cond_dim": 16}, objectives="mpm"), GEOMETRY, [100.0],
+                 device="cpu")
+    assert not (tmp_path / "x.h5").exists()
