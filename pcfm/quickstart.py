@@ -2,8 +2,9 @@
 
 Simulates showers on two calorimeter geometries and a few LArTPC events, writes them in the
 real file formats, reads them back lazily as point clouds in millimetres, packs ragged batches
-by a point budget and builds the per-event kNN graphs and farthest-point samples a model
-tokenises with. Each step prints what it did and how long it took.
+by a point budget, builds the per-event kNN graphs and farthest-point samples a model tokenises
+with, then pretrains the tiny backbone by masked point modelling on both geometries' files and
+reports the loss curve and the checkpoint. Each step prints what it did and how long it took.
 """
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ class _Step:
 
 
 def run_quickstart(workdir: str | Path = "pcfm_runs/quickstart", seed: int = 0, n_showers: int = 2000,
-                   n_lartpc: int = 50) -> dict:
+                   n_lartpc: int = 50, pretrain_steps: int = 300) -> dict:
     """Run the tour; returns a summary dictionary (also printed)."""
+    from pcfm.api import pretrain
+
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    step = _Step(5)
+    step = _Step(6)
     summary: dict = {}
     files = {}
     with step(f"simulating {n_showers} electron + pion showers on calochallenge-ds2 and par04-scipb"):
@@ -82,5 +85,21 @@ def run_quickstart(workdir: str | Path = "pcfm_runs/quickstart", seed: int = 0, 
         centres = fps(batch.pos, batch.batch, ratio=0.1)
         same_event = bool(torch.all(batch.batch[edges[0]] == batch.batch[edges[1]]))
         print(f"      {edges.shape[1]} edges (all within their event: {same_event}), {centres.numel()} centres")
+    with step(f"pretraining the tiny backbone by masked point modelling on both geometries ({pretrain_steps} steps)"):
+        result = pretrain("mpm", [files["calochallenge-ds2"], files["par04-scipb"]], model="tiny",
+                          max_steps=pretrain_steps, batch_points=8000, warmup_steps=max(1, pretrain_steps // 10),
+                          workdir=workdir / "pretrain", accelerator="cpu", seed=seed,
+                          log_every_n_steps=max(1, pretrain_steps // 30),
+                          checkpoint_every_n_steps=max(1, pretrain_steps // 3), progress=False)
+        losses = [(row["step"], row["train/loss"]) for row in result.history if row.get("train/loss") is not None]
+        marks = losses[:: max(1, len(losses) // 6)] + ([losses[-1]] if losses else [])
+        print("      train loss by step: " + ", ".join(f"{int(s)}: {v:.3f}" for s, v in dict(marks).items()))
+        if "val/loss" in result.metrics:
+            print(f"      validation loss at the end: {result.metrics['val/loss']:.3f} "
+                  f"(chamfer {result.metrics.get('val/mpm/chamfer', float('nan')):.3f})")
+        print(f"      checkpoint: {result.checkpoint_path}")
+        summary["pretrain"] = {"first_loss": losses[0][1] if losses else None,
+                               "last_loss": losses[-1][1] if losses else None,
+                               "checkpoint": str(result.checkpoint_path), "metrics": result.metrics}
     print(f"quickstart finished; files are in {workdir}")
     return summary

@@ -54,11 +54,33 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
     from pcfm.quickstart import run_quickstart
 
-    summary = run_quickstart(tmp_path, n_showers=100, n_lartpc=4)
+    summary = run_quickstart(tmp_path, n_showers=100, n_lartpc=4, pretrain_steps=3)
     assert summary["calochallenge-ds2"]["events"] == 100 and summary["lartpc"]["events"] == 4
     assert summary["batches"] >= 1
     out = capsys.readouterr().out
-    assert "[5/5]" in out and "all within their event: True" in out
+    assert "[6/6]" in out and "all within their event: True" in out
+    assert summary["pretrain"]["last_loss"] is not None and "checkpoint:" in out
+
+
+def test_pretrain_from_yaml_with_overrides_then_generate(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("objective: diffusion\ngeometry: calochallenge-ds1-photons\nn_events: 48\nmodel: tiny\n"
+                      "max_steps: 2\nbatch_points: 3000\naccelerator: cpu\nprogress: false\n")
+    workdir = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), f"workdir={workdir}", "max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    checkpoint = workdir / "checkpoints" / "last.ckpt"
+    assert f"checkpoint: {checkpoint}" in out and checkpoint.is_file()
+    generated = tmp_path / "gen.h5"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--geometry", "calochallenge-ds1-photons",
+                 "--n", "4", "--energy", "5000", "--steps", "8", "--out", str(generated)]) == 0
+    showers = read_calochallenge(generated)
+    assert len(showers) == 4 and np.allclose(showers.incident_energies, 5000.0)
+
+
+def test_pretrain_rejects_unknown_options(capsys):
+    assert main(["pretrain", "max_stepz=3"]) == 2
+    assert "unknown option(s) max_stepz" in capsys.readouterr().err
 
 
 def test_inspect_a_file_whose_every_event_is_bad(tmp_path, capsys):

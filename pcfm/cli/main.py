@@ -1,4 +1,4 @@
-"""``pcfm`` command line: simulate, inspect and list geometries, and the quickstart.
+"""``pcfm`` command line: pretrain, generate, simulate, inspect, list geometries, quickstart.
 
 Every sub-command is a thin layer over the Python API, so that what the command line does a
 script can do too.
@@ -6,6 +6,7 @@ script can do too.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -94,10 +95,46 @@ def _cmd_inspect(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_pretrain(args) -> int:
+    """``pcfm pretrain --config FILE key=value ...``: the YAML keys are pcfm.pretrain's arguments."""
+    from pcfm.api import pretrain
+    from pcfm.config import ConfigError, apply_overrides, load_config
+
+    config = apply_overrides(load_config(args.config) if args.config else {}, args.overrides)
+    known = set(inspect.signature(pretrain).parameters)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"{args.config or 'command line'}: unknown option(s) {', '.join(unknown)}; "
+                          f"pcfm.pretrain takes {', '.join(sorted(known))}")
+    result = pretrain(**config)
+    losses = [row["train/loss"] for row in result.history if row.get("train/loss") is not None]
+    if losses:
+        print(f"train loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps")
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key} = {value:.4f}")
+    print(f"checkpoint: {result.checkpoint_path}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from pcfm.generate import generate
+
+    energy = _range(args.energy)
+    rng = np.random.default_rng(args.seed)
+    energies = (np.exp(rng.uniform(np.log(energy[0]), np.log(energy[1]), args.n)) if isinstance(energy, tuple)
+                else np.full(args.n, energy))
+    result = generate(args.checkpoint, args.geometry, energies, theta=float(np.radians(args.theta_deg)),
+                      steps=args.steps, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed,
+                      out=args.out)
+    print(f"generated {args.n} showers on {args.geometry} in {result.seconds:.1f} s "
+          f"({args.n / result.seconds:.1f}/s)" + (f"; wrote {result.path}" if result.path else ""))
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     from pcfm.quickstart import run_quickstart
 
-    run_quickstart(workdir=args.workdir, seed=args.seed)
+    run_quickstart(workdir=args.workdir, seed=args.seed, pretrain_steps=args.steps)
     return 0
 
 
@@ -131,9 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-problems", type=int, default=20)
     inspect.set_defaults(func=_cmd_inspect)
 
+    pre = sub.add_parser("pretrain", help="pretrain a backbone (masked point modelling and/or point diffusion)")
+    pre.add_argument("--config", type=Path, default=None, help="YAML file of pcfm.pretrain arguments (see configs/)")
+    pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model=small")
+    pre.set_defaults(func=_cmd_pretrain)
+
+    gen = sub.add_parser("generate", help="generate showers with a pretrained diffusion model")
+    gen.add_argument("--checkpoint", required=True, type=Path)
+    gen.add_argument("--geometry", default="calochallenge-ds2")
+    gen.add_argument("--n", type=int, default=100, help="number of showers")
+    gen.add_argument("--energy", default="1000:100000", help="MeV: fixed (E) or log-uniform (LO:HI)")
+    gen.add_argument("--theta-deg", type=float, default=90.0)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--sampler", default="heun", choices=["heun", "stochastic"])
+    gen.add_argument("--batch-size", type=int, default=100)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", type=Path, default=None, help="CaloChallenge HDF5 file to write")
+    gen.set_defaults(func=_cmd_generate)
+
     quick = sub.add_parser("quickstart", help="a tour of pcfm on simulated data (minutes on a CPU)")
     quick.add_argument("--workdir", type=Path, default=Path("pcfm_runs/quickstart"))
     quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--steps", type=int, default=300, help="pretraining steps")
     quick.set_defaults(func=_cmd_quickstart)
     return parser
 
