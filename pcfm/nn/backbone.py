@@ -32,11 +32,11 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock
+from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock, run_token_blocks
 from pcfm.nn.encoding import (MAX_WAVELENGTH_MM, MIN_WAVELENGTH_MM, ConditionEncoder, FourierFeatures, FourierMLP,
                               normalise_point_features)
 from pcfm.nn.tokenizer import PointNetTokenizer, Tokens, segment_max, segment_mean
-from pcfm.ops import knn, knn_graph
+from pcfm.ops import knn
 
 #: Geometries with their own tag embedding by default (others use the "unknown" slot).
 DEFAULT_GEOMETRY_VOCABULARY = ("calochallenge-ds1-photons", "calochallenge-ds1-pions", "calochallenge-ds2",
@@ -216,13 +216,8 @@ class Backbone(nn.Module):
         relative = tokens.pos - tokens.centroid[tokens.batch]
         # The residual stream stays in the parameters' dtype (float32 under autocast).
         x = (tokens.features + self.position_embedding(relative)).to(self._dtype)
-        edge_index = knn_graph(tokens.pos, self.config.local_k, tokens.batch, loop=True,
-                               backend=self.config.cluster_backend)
-        source, destination = edge_index
-        edge_features = self.edge_fourier(tokens.pos[source] - tokens.pos[destination])
-        for block in self.blocks:
-            x = block(x, condition=tokens.condition, batch=tokens.batch, ptr=tokens.ptr, pos=tokens.pos,
-                      edge_index=edge_index, edge_features=edge_features)
+        x = run_token_blocks(self.blocks, x, tokens, local_k=self.config.local_k,
+                             cluster_backend=self.config.cluster_backend, edge_fourier=self.edge_fourier)
         return self.final_norm(x, tokens.condition, tokens.batch)
 
     def propagate(self, data, tokens: Tokens, token_features: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcfm.ops.attention import edge_attention, varlen_attention
+from pcfm.ops.cluster import knn_graph
 
 
 class AdaptiveLayerNorm(nn.Module):
@@ -115,3 +116,16 @@ class TransformerGNNBlock(nn.Module):
         x = x + self.local_attention(self.local_norm(x, condition, batch), edge_index, edge_features)
         x = x + self.global_attention(self.global_norm(x, condition, batch), pos, ptr)
         return x + self.mlp(self.mlp_norm(x, condition, batch))
+
+
+def run_token_blocks(blocks, x: Tensor, tokens, *, local_k: int, cluster_backend: str, edge_fourier) -> Tensor:
+    """Run transformer-GNN ``blocks`` over ``tokens``: the shared loop of the encoder and of the
+    masked-modelling decoder. The local graph is each token's ``local_k`` nearest tokens of its
+    event (itself included); its edge features are Fourier features of the relative positions."""
+    edge_index = knn_graph(tokens.pos, local_k, tokens.batch, loop=True, backend=cluster_backend)
+    source, destination = edge_index
+    edge_features = edge_fourier(tokens.pos[source] - tokens.pos[destination])
+    for block in blocks:
+        x = block(x, condition=tokens.condition, batch=tokens.batch, ptr=tokens.ptr, pos=tokens.pos,
+                  edge_index=edge_index, edge_features=edge_features)
+    return x

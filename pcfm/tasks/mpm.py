@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcfm.nn import Backbone, BackboneConfig, Tokens
-from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock
+from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock, run_token_blocks
 from pcfm.nn.encoding import FourierFeatures, FourierMLP
 from pcfm.nn.tokenizer import offsets
-from pcfm.ops import knn_graph
 from pcfm.tasks.objective import Objective
 
 
@@ -120,13 +119,8 @@ class MaskDecoder(nn.Module):
         x = self.mask_token.expand(hidden.shape[0], -1).clone()
         x[~hidden] = visible_features.to(dtype)
         x = x + self.position_embedding(tokens.pos - tokens.centroid[tokens.batch]).to(dtype)
-        edge_index = knn_graph(tokens.pos, self.config.local_k, tokens.batch, loop=True,
-                               backend=self.config.cluster_backend)
-        source, destination = edge_index
-        edge_features = self.edge_fourier(tokens.pos[source] - tokens.pos[destination])
-        for block in self.blocks:
-            x = block(x, condition=tokens.condition, batch=tokens.batch, ptr=tokens.ptr, pos=tokens.pos,
-                      edge_index=edge_index, edge_features=edge_features)
+        x = run_token_blocks(self.blocks, x, tokens, local_k=self.config.local_k,
+                             cluster_backend=self.config.cluster_backend, edge_fourier=self.edge_fourier)
         x = self.norm(x, tokens.condition, tokens.batch)[hidden]
         points = self.head(x).float().unflatten(1, (self.config.group_size, 4))
         return points[..., :3], points[..., 3]
