@@ -14,7 +14,7 @@ Package layout (each sub-package is one layer of the architecture):
 - :mod:`pcfm.cli`: the ``pcfm`` command line.
 """
 __version__ = "0.1.0"
-__all__ = ["pretrain", "generate", "__version__"]
+__all__ = ["pretrain", "finetune", "generate", "__version__"]
 
 
 def __getattr__(name):
@@ -23,6 +23,10 @@ def __getattr__(name):
         from pcfm.api import pretrain
 
         return pretrain
+    if name == "finetune":
+        from pcfm.api_finetune import finetune
+
+        return finetune
     if name == "generate":
         from pcfm.generate import generate
 

@@ -91,3 +91,12 @@ def test_inspect_a_file_whose_every_event_is_bad(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 1
     out = capsys.readouterr().out
     assert "3 events, no good event; 3 bad" in out
+
+
+def test_finetune_from_the_command_line(tmp_path, capsys):
+    workdir = tmp_path / "ft"
+    assert main(["finetune", "task=classification", "geometry=calochallenge-ds1-pions", "n_events=60",
+                 "max_steps=2", "batch_points=3000", "accelerator=cpu", "progress=false",
+                 f"workdir={workdir}"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and (workdir / "metrics.json").is_file()

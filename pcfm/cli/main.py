@@ -98,15 +98,8 @@ def _cmd_inspect(args) -> int:
 def _cmd_pretrain(args) -> int:
     """``pcfm pretrain --config FILE key=value ...``: the YAML keys are pcfm.pretrain's arguments."""
     from pcfm.api import pretrain
-    from pcfm.config import ConfigError, apply_overrides, load_config
 
-    config = apply_overrides(load_config(args.config) if args.config else {}, args.overrides)
-    known = set(inspect.signature(pretrain).parameters)
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ConfigError(f"{args.config or 'command line'}: unknown option(s) {', '.join(unknown)}; "
-                          f"pcfm.pretrain takes {', '.join(sorted(known))}")
-    result = pretrain(**config)
+    result = pretrain(**_run_config(args, pretrain))
     losses = [row["train/loss"] for row in result.history if row.get("train/loss") is not None]
     if losses:
         print(f"train loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps")
@@ -114,6 +107,30 @@ def _cmd_pretrain(args) -> int:
         print(f"  {key} = {value:.4f}")
     print(f"checkpoint: {result.checkpoint_path}")
     return 0
+
+
+def _cmd_finetune(args) -> int:
+    """``pcfm finetune --config FILE key=value ...``: the YAML keys are pcfm.finetune's arguments."""
+    from pcfm.api_finetune import finetune
+
+    result = finetune(**_run_config(args, finetune))
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}")
+    print(f"metrics: {result.metrics_path}\ncheckpoint: {result.checkpoint_path}")
+    return 0
+
+
+def _run_config(args, function) -> dict:
+    """The YAML file plus overrides, checked against ``function``'s keyword arguments."""
+    from pcfm.config import ConfigError, apply_overrides, load_config
+
+    config = apply_overrides(load_config(args.config) if args.config else {}, args.overrides)
+    known = set(inspect.signature(function).parameters)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"{args.config or 'command line'}: unknown option(s) {', '.join(unknown)}; "
+                          f"pcfm.{function.__name__} takes {', '.join(sorted(known))}")
+    return config
 
 
 def _cmd_generate(args) -> int:
@@ -172,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", type=Path, default=None, help="YAML file of pcfm.pretrain arguments (see configs/)")
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model=small")
     pre.set_defaults(func=_cmd_pretrain)
+
+    fine = sub.add_parser("finetune", help="fine-tune a backbone: classification, regression or segmentation")
+    fine.add_argument("--config", type=Path, default=None, help="YAML file of pcfm.finetune arguments")
+    fine.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=classification n_labels=100")
+    fine.set_defaults(func=_cmd_finetune)
 
     gen = sub.add_parser("generate", help="generate showers with a pretrained diffusion model")
     gen.add_argument("--checkpoint", required=True, type=Path)
