@@ -100,3 +100,15 @@ def test_finetune_from_the_command_line(tmp_path, capsys):
                  f"workdir={workdir}"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and (workdir / "metrics.json").is_file()
+
+
+def test_evaluate_two_simulated_samples(tmp_path, capsys):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for path, seed in ((a, "1"), (b, "2")):
+        assert main(["simulate", "calo", "--geometry", "calochallenge-ds1-photons", "--particle", "photon",
+                     "--n", "300", "--energy", "1000:100000", "--seed", seed, "--out", str(path)]) == 0
+    report = tmp_path / "report.json"
+    assert main(["evaluate", str(a), str(b), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "separation power: mean" in out and "classifier AUC (high-level)" in out
+    assert report.is_file() and report.with_suffix(".md").is_file()

@@ -148,6 +148,23 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    """Compare generated with reference showers (CaloChallenge files) and write the report."""
+    from pcfm.evaluate import evaluate
+
+    result = evaluate(args.generated, args.reference, args.geometry, classifier=not args.no_classifier,
+                      plots_dir=args.plots, report_path=args.report, seed=args.seed)
+    sep = result["separation_power"]
+    print(f"separation power: mean {sep['mean']:.4f}, max {sep['max']:.4f} ({sep['max_feature']}); "
+          f"FPD {result['fpd']:.3f}; KPD {result['kpd']:.5f} +- {result['kpd_std']:.5f}")
+    for name, auc in (result.get("classifier") or {}).items():
+        if auc is not None:
+            print(f"classifier AUC ({name.replace('_', '-')}): {auc['auc']:.3f}")
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     from pcfm.quickstart import run_quickstart
 
@@ -207,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", type=Path, default=None, help="CaloChallenge HDF5 file to write")
     gen.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="CaloChallenge-style metrics: generated vs reference showers")
+    ev.add_argument("generated", type=Path)
+    ev.add_argument("reference", type=Path)
+    ev.add_argument("--geometry", default=None)
+    ev.add_argument("--report", type=Path, default=None, help="JSON report path (a .md summary goes beside it)")
+    ev.add_argument("--plots", type=Path, default=None, help="folder for PNG plots (needs matplotlib)")
+    ev.add_argument("--no-classifier", action="store_true")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_cmd_evaluate)
 
     quick = sub.add_parser("quickstart", help="a tour of pcfm on simulated data (minutes on a CPU)")
     quick.add_argument("--workdir", type=Path, default=Path("pcfm_runs/quickstart"))

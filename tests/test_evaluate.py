@@ -1,0 +1,238 @@
+"""Tests of the shower evaluation: features, distances, classifier test, report and sanity checks."""
+import json
+
+import numpy as np
+import pytest
+
+from pcfm.data.calochallenge import write_calochallenge
+from pcfm.data.events import CaloShowers
+from pcfm.errors import DataError, GeometryError
+from pcfm.evaluate import evaluate
+from pcfm.evaluation.classifier import classifier_auc, roc_auc
+from pcfm.evaluation.distances import (frechet_distance, frechet_distance_from_moments, histogram_edges,
+                                       kernel_distance, normalised_histogram, separation_power,
+                                       separation_powers, standardise)
+from pcfm.evaluation.features import feature_matrix, high_level_features, low_level_inputs
+from pcfm.geometry import get as get_geometry
+from pcfm.geometry.cylindrical import CaloLayer, CylindricalGeometry, SamplingStructure
+from pcfm.geometry.materials import get_material
+from pcfm.sim.calo import simulate_showers
+
+S = np.sqrt(0.5)  # cos(pi/4)
+
+
+@pytest.fixture(scope="module")
+def hand_geometry():
+    """Layer 0: 4 angular x 2 radial bins (r centres 5, 15 mm); layer 5: one full ring at r = 15 mm."""
+    silicon = SamplingStructure(sensor=get_material("Si"), sensor_mm=1.0)
+    return CylindricalGeometry("hand-made", [CaloLayer(0, (0.0, 10.0, 20.0), 4, 0.0, silicon),
+                                             CaloLayer(5, (0.0, 30.0), 1, 1.0, silicon)],
+                               readout_threshold_mev=0.5)
+
+
+def test_features_of_hand_made_showers(hand_geometry):
+    cells = np.zeros((2, 9))
+    # shower 0: alpha = pi/4 at r = 5 and alpha = -3pi/4 at r = 15 (2 MeV each), a cell under the
+    # threshold and a negative cell (both zeroed), 4 MeV in layer 5
+    cells[0, hand_geometry.cell_index(0, 2, 0)] = 2.0
+    cells[0, hand_geometry.cell_index(0, 0, 1)] = 2.0
+    cells[0, hand_geometry.cell_index(0, 1, 1)] = 0.3
+    cells[0, hand_geometry.cell_index(0, 3, 1)] = -1.0
+    cells[0, 8] = 4.0
+    # shower 1: one cell at alpha = 3pi/4, r = 5; layer 5 empty
+    cells[1, hand_geometry.cell_index(0, 3, 0)] = 1.0
+    features = high_level_features(cells, np.array([10.0, 2.0]), hand_geometry)
+
+    expected = {
+        "total_energy": [8, 1], "energy_ratio": [0.8, 0.5],
+        "layer0_energy": [4, 1], "layer0_x_centre": [-5 * S, -5 * S], "layer0_x_width": [10 * S, 0],
+        "layer0_y_centre": [-5 * S, 5 * S], "layer0_y_width": [10 * S, 0],
+        "layer0_r_centre": [10, 5], "layer0_r_width": [5, 0], "layer0_sparsity": [0.25, 0.125],
+        "layer5_energy": [4, 0], "layer5_x_centre": [15, 0], "layer5_x_width": [0, 0],
+        "layer5_y_centre": [0, 0], "layer5_y_width": [0, 0],
+        "layer5_r_centre": [15, 0], "layer5_r_width": [0, 0], "layer5_sparsity": [1, 0],
+    }
+    assert list(features) == list(expected)
+    for name, values in expected.items():
+        np.testing.assert_allclose(features[name], values, atol=1e-9, err_msg=name)
+    inputs = low_level_inputs(cells, np.array([10.0, 2.0]), hand_geometry)
+    assert inputs.shape == (2, 10)
+    np.testing.assert_allclose(inputs[0, [2 * 2, 1, 3, 7, 8, 9]], [0.2, 0.2, 0.0, 0.0, 0.4, 1.0])
+
+
+def test_features_in_blocks_match_one_pass():
+    showers = simulate_showers("calochallenge-ds1-photons", 50, particle="photon", seed=3)
+    geometry = get_geometry("calochallenge-ds1-photons")
+    whole = high_level_features(showers.showers, showers.incident_energies, geometry)
+    blocks = high_level_features(showers.showers, showers.incident_energies, geometry, block_events=7)
+    assert len(whole) == 2 + 8 * geometry.n_layers
+    for name in whole:
+        np.testing.assert_allclose(blocks[name], whole[name], rtol=1e-12, err_msg=name)
+
+
+def test_separation_power_hand_values():
+    assert separation_power([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == 0.0
+    assert separation_power([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)
+    # 0.5 * (0.25 / 1.5 + 0.25 / 0.5) = 1/3
+    assert separation_power([0.5, 0.5], [1.0, 0.0]) == pytest.approx(1.0 / 3.0)
+
+
+def test_histograms_keep_outliers_and_handle_constant_features():
+    np.testing.assert_allclose(normalised_histogram(np.array([-100.0, 0.5, 100.0]), np.array([0.0, 0.5, 1.0])),
+                               [1 / 3, 2 / 3])
+    np.testing.assert_allclose(histogram_edges(np.full(10, 2.0), n_bins=2), [1.5, 2.0, 2.5])
+    powers = separation_powers({"a": np.full(10, 7.0), "b": np.arange(10.0)},
+                               {"a": np.full(10, 2.0), "b": np.arange(10.0)}, n_bins=5)
+    assert powers == {"a": pytest.approx(1.0), "b": 0.0}
+
+
+def _rotation(dim, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, dim)))
+    return q
+
+
+def test_frechet_distance_closed_form_for_gaussians():
+    # Covariances sharing eigenvectors: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    rotation = _rotation(4, 0)
+    a, b = np.array([1.0, 4.0, 0.25, 0.0]), np.array([9.0, 1.0, 0.25, 2.0])  # one singular direction
+    mu1, mu2 = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance_from_moments(mu1, rotation @ np.diag(a) @ rotation.T, mu2, rotation @ np.diag(b) @ rotation.T)
+    assert got == pytest.approx(expected, rel=1e-8)  # sqrt of a round-off eigenvalue ~1e-16 is ~1e-8
+    # Non-commuting covariances: tr (S1 S2)^(1/2) is the sum of sqrt of the eigenvalues of S1 S2
+    rng = np.random.default_rng(1)
+    m1, m2 = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    s1, s2 = m1 @ m1.T, m2 @ m2.T
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    assert frechet_distance_from_moments(np.zeros(5), s1, np.zeros(5), s2) == pytest.approx(expected, rel=1e-9)
+    # 1D: (mu1 - mu2)^2 + (sigma1 - sigma2)^2
+    assert frechet_distance_from_moments(1.0, 4.0, 3.0, 9.0) == pytest.approx(4.0 + 1.0)
+    x = rng.normal(size=(200, 3))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_kernel_distance_near_zero_for_same_distribution():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1000, 5)), rng.normal(size=(1000, 5))
+    same, same_std = kernel_distance(x, y, seed=0)
+    shifted, _ = kernel_distance(x, y + 0.3, seed=0)
+    assert abs(same) < 0.03 and same_std > 0
+    assert shifted > 0.2 > 10 * abs(same)
+    with pytest.raises(ValueError, match="at least 4"):
+        kernel_distance(x[:3], y)
+
+
+def test_roc_auc_matches_pair_count_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, size=300).astype(float)  # many ties
+    labels = rng.random(300) < 0.4
+    positives, negatives = scores[labels], scores[~labels]
+    pairs = (positives[:, None] > negatives[None, :]) + 0.5 * (positives[:, None] == negatives[None, :])
+    assert roc_auc(scores, labels) == pytest.approx(pairs.mean(), rel=1e-12)
+    assert roc_auc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    with pytest.raises(ValueError, match="both positive and negative"):
+        roc_auc([0.1, 0.2], [1, 1])
+
+
+# --- sanity tests on simulated showers ------------------------------------------------------
+@pytest.fixture(scope="module")
+def photons():
+    """Two independent samples of ds1 photons from the same simulator."""
+    kwargs = dict(particle="photon", energy=(1e3, 1e5))
+    return (simulate_showers("calochallenge-ds1-photons", 1500, seed=1, **kwargs),
+            simulate_showers("calochallenge-ds1-photons", 1500, seed=2, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def same_results(photons):
+    return evaluate(*photons)
+
+
+def test_same_simulator_is_indistinguishable(same_results):
+    for level in ("low_level", "high_level"):
+        assert 0.4 < same_results["classifier"][level]["auc"] < 0.6
+    assert same_results["separation_power"]["mean"] < 0.02
+    assert same_results["separation_power"]["max"] < 0.05
+    assert abs(same_results["kpd"]) < 0.05
+
+
+def test_scaled_energies_are_detected(photons, same_results):
+    generated, reference = photons
+    scaled = CaloShowers(generated.incident_energies, generated.showers * 1.3, generated.geometry)
+    results = evaluate(scaled, reference)
+    for level in ("low_level", "high_level"):
+        assert results["classifier"][level]["auc"] > 0.8
+    assert results["separation_power"]["per_feature"]["energy_ratio"] > 0.5
+    assert results["separation_power"]["max"] > 10 * same_results["separation_power"]["max"]
+    assert results["fpd"] > 5 * same_results["fpd"]
+    assert results["kpd"] > 10 * max(same_results["kpd"], same_results["kpd_std"])
+
+
+def test_shifted_longitudinal_profile_is_detected():
+    geometry = get_geometry("calochallenge-ds2")
+    reference = simulate_showers(geometry, 800, particle="photon", energy=(1e3, 1e5), seed=5)
+    generated = simulate_showers(geometry, 800, particle="photon", energy=(1e3, 1e5), seed=6)
+    shift = 3 * geometry.layers[0].n_cells  # three layers (about 2.5 X0) deeper
+    shifted_cells = np.zeros_like(generated.showers)
+    shifted_cells[:, shift:] = generated.showers[:, :-shift]
+    shifted = CaloShowers(generated.incident_energies, shifted_cells, geometry.name)
+    same = evaluate(generated, reference, classifier=False)
+    moved = evaluate(shifted, reference, classifier=False)
+    assert moved["separation_power"]["mean"] > 3 * same["separation_power"]["mean"]
+    assert moved["separation_power"]["max"] > 5 * same["separation_power"]["max"]
+    assert moved["fpd"] > 2 * same["fpd"]
+    assert moved["kpd"] > 10 * max(abs(same["kpd"]), same["kpd_std"])
+    # the high-level classifier alone (the low-level one needs more than 800 showers on 6480 cells)
+    gen_std, ref_std = standardise(
+        feature_matrix(high_level_features(shifted.showers, shifted.incident_energies, geometry)),
+        feature_matrix(high_level_features(reference.showers, reference.incident_energies, geometry)))
+    assert classifier_auc(gen_std, ref_std)["auc"] > 0.8
+
+
+# --- input handling and reports -------------------------------------------------------------
+def test_files_give_the_same_results_and_reports_are_written(tmp_path, photons, capsys):
+    generated, reference = (p.subset(slice(0, 200)) for p in photons)
+    write_calochallenge(tmp_path / "gen.h5", generated)
+    write_calochallenge(tmp_path / "ref.h5", reference)
+    in_memory = evaluate(generated, reference, classifier=False)
+    from_files = evaluate(str(tmp_path / "gen.h5"), tmp_path / "ref.h5", classifier=False,
+                          report_path=tmp_path / "out" / "report.json", plots_dir=tmp_path / "plots")
+    assert from_files["geometry"] == "calochallenge-ds1-photons" and from_files["n_generated"] == 200
+    assert from_files["separation_power"] == in_memory["separation_power"]
+    assert from_files["fpd"] == pytest.approx(in_memory["fpd"], rel=1e-6)  # files hold float32 incident energies
+    stored = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert stored["separation_power"]["per_feature"] == from_files["separation_power"]["per_feature"]
+    assert stored["classifier"] is None
+    summary = (tmp_path / "out" / "report.md").read_text()
+    assert "calochallenge-ds1-photons" in summary and f"{from_files['fpd']:.4g}" in summary
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]  # no temp files
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert from_files["plots"] == [] and "matplotlib is not installed" in from_files["plots_skipped"]
+        assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
+        assert not (tmp_path / "plots").exists()
+    else:
+        assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+            "energy_response.png", "feature_histograms.png", "longitudinal_profile.png", "radial_profile.png"]
+
+
+def test_bad_inputs_name_the_sample_and_event(photons, tmp_path):
+    generated, reference = (p.subset(slice(0, 20)) for p in photons)
+    incident = generated.incident_energies.copy()
+    incident[3] = 0.0
+    with pytest.raises(DataError, match=r"^<in-memory data>: event 3: generated showers: incident energy must be "
+                                        r"positive and finite$"):
+        evaluate(CaloShowers(incident, generated.showers, generated.geometry), reference, classifier=False)
+    cells = reference.showers.copy()
+    cells[7, 5] = np.nan
+    with pytest.raises(DataError, match=r"event 7: reference showers: non-finite cell energy"):
+        evaluate(generated, CaloShowers(reference.incident_energies, cells, reference.geometry), classifier=False)
+    with pytest.raises(DataError, match="showers have 368 cells but geometry 'calochallenge-ds2' has 6480"):
+        evaluate(generated, reference, "calochallenge-ds2", classifier=False)
+    with pytest.raises(GeometryError, match="cylindrical calorimeter geometry"):
+        evaluate(generated, reference, "lartpc-768", classifier=False)
+    write_calochallenge(tmp_path / "few.h5", generated.subset(slice(0, 3)))
+    with pytest.raises(DataError, match=r"few\.h5: the generated sample needs at least 4 showers"):
+        evaluate(tmp_path / "few.h5", reference, classifier=False)
