@@ -11,7 +11,7 @@ import pytest
 from pcfm.data.caloclouds import CaloCloudsDataset, read_caloclouds
 from pcfm.errors import DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the project root
+from tests.conftest import SHARED_DATA  # noqa: E402  ../shared/data beside the project root
 REAL_FILE = SHARED_DATA / "caloclouds3_mini_sample.hdf5"
 
 

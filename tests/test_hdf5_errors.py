@@ -14,7 +14,7 @@ import pytest
 from pcfm.data.hdf5 import LazyH5, expand_paths, open_hdf5, read_errors, require_keys
 from pcfm.errors import DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the project root
+from tests.conftest import SHARED_DATA  # noqa: E402  ../shared/data beside the project root
 REAL_FILE = SHARED_DATA / "caloclouds3_mini_sample.hdf5"
 
 

@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pcfm.data.events import LArEvent
+from pcfm.geometry.materials import MATERIALS
 
 # --- particles ---------------------------------------------------------------------------
 M_E, M_MU, M_PI, M_P = 0.51099895, 105.6583755, 139.57039, 938.27208816  # MeV
@@ -60,10 +61,11 @@ PRIMARIES = {
 }
 
 # --- liquid argon ------------------------------------------------------------------------
-LAR_DENSITY = 1.396  # g/cm3
-LAR_RADIATION_LENGTH_MM = 140.0
-LAR_CRITICAL_ENERGY = 32.0  # MeV
-LAR_MOLIERE_RADIUS_MM = 90.0  # not an input: the cascade's scattering produces it (tests check)
+_LAR = MATERIALS["LAr"]  # PDG constants, shared with the geometries
+LAR_DENSITY = _LAR.density_g_cm3  # g/cm3
+LAR_RADIATION_LENGTH_MM = _LAR.x0_mm
+LAR_CRITICAL_ENERGY = _LAR.critical_energy_mev  # MeV
+LAR_MOLIERE_RADIUS_MM = _LAR.moliere_radius_mm  # not an input: the cascade's scattering produces it (tests check)
 LAR_ELECTRON_DEDX = 0.21  # MeV/mm, collision loss of electrons (about a MIP)
 _Z_OVER_A, _I_EXCITATION = 18.0 / 39.948, 188.0e-6  # mean excitation energy in MeV
 _STERNHEIMER = dict(c_bar=5.2146, x0=0.2, x1=3.0, a=0.19559, k=3.0)  # density effect, LAr
