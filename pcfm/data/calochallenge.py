@@ -228,7 +228,7 @@ def read_calochallenge(path: PathLike, geometry=None, *, start: int = 0, stop: O
         kept = 0
         for a in range(first, last, block):
             b = min(a + block, last)
-            with read_errors(path, a):
+            with read_errors(path, a if b - a == 1 else None):
                 incident, showers, extras = read_block(h5file, layout, a, b)
             problems = find_bad_events(incident, showers, extras, first_event=a)
             good = np.ones(b - a, dtype=bool)
@@ -281,11 +281,7 @@ class CaloChallengeFile:
         """Events ``start:stop`` (Python slice rules), validated."""
         first, last, _ = slice(start, stop).indices(len(self))
         last = max(first, last)
-        with read_errors(self.path, first):
-            incident, showers, extras = read_block(self._h5, self.layout, first, last)
-        problems = find_bad_events(incident, showers, extras, first_event=first)
-        if problems:
-            raise DataError(problems[0][1], self.path, problems[0][0])
+        incident, showers, extras = read_valid_block(self._h5, self.layout, self.path, first, last)
         return _as_showers(incident, showers, extras, self.geometry)
 
     def __getitem__(self, index) -> CaloShowers:
@@ -307,12 +303,9 @@ class CaloChallengeFile:
 
     def count_cells(self, threshold: float = 0.0, block_events: Optional[int] = None) -> np.ndarray:
         """Cells per event with energy > 0 and >= ``threshold``, counted block by block (N,)."""
-        block = block_events or block_events_for(self.n_voxels)
-        counts = np.empty(len(self), dtype=np.int64)
         with read_errors(self.path):
-            for a in range(0, len(self), block):
-                counts[a:a + block] = count_cells(self._h5["showers"][a:a + block], threshold)
-        return counts
+            return count_cells_in_blocks(self._h5["showers"], 0, len(self), threshold,
+                                         block_events or block_events_for(self.n_voxels))
 
     def close(self) -> None:
         self._h5.close()
@@ -324,6 +317,24 @@ class CaloChallengeFile:
 def count_cells(showers: np.ndarray, threshold: float = 0.0) -> np.ndarray:
     """Cells per row with energy > 0 and >= ``threshold``: the points each shower becomes."""
     return np.count_nonzero((showers > 0) & (showers >= threshold), axis=1)
+
+
+def count_cells_in_blocks(showers, start: int, stop: int, threshold: float, block: int) -> np.ndarray:
+    """:func:`count_cells` of rows ``start:stop`` of an array or HDF5 dataset, read ``block``
+    rows at a time so that a large file is never loaded whole."""
+    return np.concatenate([count_cells(showers[a:min(a + block, stop)], threshold)
+                           for a in range(start, stop, block)] or [np.zeros(0, np.int64)])
+
+
+def read_valid_block(h5, layout: FileLayout, path, first: int, last: int):
+    """Events ``first:last`` as (incident, showers, extras); the first bad event raises a
+    DataError naming it. A read failure names the event when only one is read."""
+    with read_errors(path, first if last - first == 1 else None):
+        incident, showers, extras = read_block(h5, layout, first, last)
+    problems = find_bad_events(incident, showers, extras, first_event=first)
+    if problems:
+        raise DataError(problems[0][1], path, problems[0][0])
+    return incident, showers, extras
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import torch
 from torch_geometric.data import Data
 
 from pcfm import geometry as geometries
-from pcfm.data.calochallenge import (FileLayout, block_events_for, count_cells, find_bad_events, inspect_file,
-                                     read_block)
+from pcfm.data.calochallenge import (FileLayout, block_events_for, count_cells_in_blocks, inspect_file,
+                                      read_valid_block)
 from pcfm.data.events import CaloShowers
 from pcfm.data.hdf5 import LazyEventDataset, LazyH5, PathLike
 from pcfm.data.pointcloud import cells_to_data, lartpc_to_data, shower_to_data
@@ -62,9 +62,8 @@ class ShowerDataset(torch.utils.data.Dataset):
 
     def event_sizes(self) -> np.ndarray:
         """Points (cells kept by the threshold) of each shower."""
-        block = block_events_for(self.geometry.n_cells)
-        return np.concatenate([count_cells(self.showers.showers[a:a + block], self.threshold)
-                               for a in range(0, len(self), block)] or [np.zeros(0, np.int64)])
+        return count_cells_in_blocks(self.showers.showers, 0, len(self), self.threshold,
+                                     block_events_for(self.geometry.n_cells))
 
 
 class CaloChallengeDataset(LazyEventDataset):
@@ -97,19 +96,14 @@ class CaloChallengeDataset(LazyEventDataset):
         return inspect_file(h5file, path, self.geometry)
 
     def _read(self, h5: LazyH5, index: int, layout: FileLayout) -> Data:
-        incident, showers, extras = read_block(h5, layout, index, index + 1)
-        problems = find_bad_events(incident, showers, extras, first_event=index)
-        if problems:
-            raise DataError(problems[0][1], h5.path, index)
+        incident, showers, extras = read_valid_block(h5, layout, h5.path, index, index + 1)
         extra = {key: values[0] for key, values in extras.items()}
         return cells_to_data(showers[0], float(incident[0]), layout.geometry,
                              threshold=_threshold(layout.geometry, self.threshold), **extra)
 
     def _count_points(self, h5file: h5py.File, start: int, stop: int, layout: FileLayout) -> np.ndarray:
-        block = block_events_for(layout.n_voxels)
-        threshold = _threshold(layout.geometry, self.threshold)
-        return np.concatenate([count_cells(h5file["showers"][a:min(a + block, stop)], threshold)
-                               for a in range(start, stop, block)] or [np.zeros(0, np.int64)])
+        return count_cells_in_blocks(h5file["showers"], start, stop, _threshold(layout.geometry, self.threshold),
+                                     block_events_for(layout.n_voxels))
 
     @property
     def file_geometries(self) -> list[str]:

@@ -213,7 +213,8 @@ class CylindricalGeometry(Geometry):
 
     # -- positions -------------------------------------------------------------------------
     @cached_property
-    def _cylindrical(self) -> np.ndarray:
+    def _cell_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(r, alpha, z) centre and (radial width, arc, depth) size of every cell, computed once."""
         bins = self._cell_bins
         out = np.empty((self.n_cells, 3))
         sizes = np.empty((self.n_cells, 3))
@@ -229,12 +230,11 @@ class CylindricalGeometry(Geometry):
             sizes[sel, 0] = edges[r_bin + 1] - edges[r_bin]
             sizes[sel, 1] = r_mid * width
             sizes[sel, 2] = layer.depth_mm
-        self._sizes_cache = sizes
-        return out
+        return out, sizes
 
     def cylindrical(self, index: Optional[np.ndarray] = None) -> np.ndarray:
         """Cell centres (n, 3) as (r mm, alpha rad, z mm)."""
-        return self._cylindrical[self._check_index(index)]
+        return self._cell_table[0][self._check_index(index)]
 
     def centers(self, index: Optional[np.ndarray] = None) -> np.ndarray:
         r, alpha, z = self.cylindrical(index).T
@@ -242,8 +242,7 @@ class CylindricalGeometry(Geometry):
 
     def sizes(self, index: Optional[np.ndarray] = None) -> np.ndarray:
         """Cell extents (n, 3): radial width, arc length at the cell's middle radius, depth (mm)."""
-        self._cylindrical  # noqa: B018 - fills the cache
-        return self._sizes_cache[self._check_index(index)]
+        return self._cell_table[1][self._check_index(index)]
 
     @cached_property
     def _locate_tables(self):
