@@ -139,6 +139,17 @@ def test_model_sampling_with_an_oracle_returns_the_cloud_in_mm_and_mev(small_sho
         objective.sample(None, template, sampler="euler")
 
 
+def test_a_diverged_denoiser_still_gives_finite_showers(small_showers):
+    """An untrained model can denoise to huge log-energies; exp() of them must not reach inf / NaN."""
+    objective = PointDiffusion(backbone_config=BACKBONE_CONFIG, energy_transform="log")
+    objective.on_data(small_showers)
+    events = [small_showers[i] for i in (0, 1)]
+    objective.denoise = lambda backbone, template, noisy, sigma: torch.full_like(noisy, 1e4)
+    template = PointDiffusion.make_template(torch.tensor([200.0, 250.0]), [e.num_nodes for e in events], GEOMETRY)
+    pos, energy = objective.sample(None, template, steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(pos).all() and torch.isfinite(energy).all()
+
+
 def test_loss_is_finite_and_decreases(small_showers):
     torch.manual_seed(0)
     backbone = Backbone(BACKBONE_CONFIG)

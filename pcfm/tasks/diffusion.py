@@ -65,6 +65,10 @@ from pcfm.tasks.objective import Objective
 STATE_DIM = 4
 #: Samplers of :meth:`PointDiffusion.sample`.
 SAMPLERS = ("heun", "stochastic")
+#: While sampling, denoised states are clipped to +-this (training states have unit scale:
+#: positions over their RMS, energies standardised). A trained model never gets near it; an
+#: untrained or diverged one would otherwise reach energies whose exp() overflows to inf / NaN.
+DENOISED_CLIP = 20.0
 #: Angular frequencies of the sinusoidal embedding of c_noise = ln(sigma) / 4, log-spaced
 #: (wavelengths from 10 down to 0.05 in c_noise, which spans about -1.6 .. 1.1).
 NOISE_FREQUENCY_RANGE = (2 * math.pi / 10.0, 2 * math.pi / 0.05)
@@ -393,7 +397,8 @@ class PointDiffusion(Objective):
         num_events = template.num_graphs
 
         def denoise(x: Tensor, sigma: float) -> Tensor:
-            return self.denoise(backbone, template, x, torch.full((num_events,), sigma, device=device))
+            denoised = self.denoise(backbone, template, x, torch.full((num_events,), sigma, device=device))
+            return denoised.clamp(-DENOISED_CLIP, DENOISED_CLIP)
 
         noise = torch.randn((template.num_nodes, STATE_DIM), generator=generator, device=device)
         if sampler == "heun":

@@ -135,7 +135,8 @@ class EnergyTransform(nn.Module):
             energy = (torch.exp(v) if self.options["log"] else v.clamp(min=0)) * incident
         else:
             energy = v.clamp(min=0).pow(1.0 / self.options["exponent"])
-        return energy.to(dtype)
+        # a value beyond the dtype's range (an untrained model's output) saturates instead of inf
+        return energy.clamp(max=torch.finfo(dtype).max).to(dtype)
 
     def fit(self, energy: Tensor, incident: Optional[Tensor] = None) -> "EnergyTransform":
         """Set ``mean`` and ``std`` to those of ``v(energy)`` (training energies, MeV)."""
