@@ -84,8 +84,10 @@ def evaluate(generated: Sample, reference: Sample, geometry=None, *, classifier:
         geometry: name or object; default: the geometry the showers name, else the preset with
             their cell count.
         classifier: run the two classifier tests (the slow part: seconds per thousand showers).
-        plots_dir: write PNG plots there (needs matplotlib; skipped with a printed reason if absent).
-        report_path: write the results as JSON there, and a markdown summary beside it (``.md``).
+        plots_dir: write PNG plots there (needs matplotlib; skipped with a printed reason if
+            absent); the report's own folder keeps report and plots together.
+        report_path: write the results as JSON there, and a markdown summary beside it (``.md``)
+            that links the plots or says why they were skipped.
         seed: seeds the classifiers, their data split and the kernel-distance batches.
         n_bins: histogram bins of the separation power.
         classifier_epochs: most training epochs of each classifier (it stops early, see

@@ -1,5 +1,8 @@
 """Tests of the shower evaluation: features, distances, classifier test, report and sanity checks."""
 import json
+import re
+import struct
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from pcfm.data.calochallenge import write_calochallenge
 from pcfm.data.events import CaloShowers
 from pcfm.errors import DataError, GeometryError
 from pcfm.evaluate import evaluate
+from pcfm.evaluation import report as report_module
 from pcfm.evaluation.classifier import classifier_auc, roc_auc
 from pcfm.evaluation.distances import (frechet_distance, frechet_distance_from_moments, histogram_edges,
                                        kernel_distance, normalised_histogram, separation_power,
@@ -214,8 +218,83 @@ def test_files_give_the_same_results_and_reports_are_written(tmp_path, photons, 
         assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
         assert not (tmp_path / "plots").exists()
     else:
-        assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-            "energy_response.png", "feature_histograms.png", "longitudinal_profile.png", "radial_profile.png"]
+        assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+            f"{stem}.png" for stem in report_module.PLOT_CAPTIONS)
+
+
+# --- plots ----------------------------------------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+    """(width, height) from the IHDR chunk, after checking the PNG signature."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def _linked(markdown):
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def test_report_plots_are_valid_pngs_and_linked(tmp_path, photons):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    generated, reference = (p.subset(slice(0, 300)) for p in photons)
+    scaled = CaloShowers(generated.incident_energies, generated.showers * 1.3, generated.geometry)
+    folder = tmp_path / "report"
+    results = evaluate(scaled, reference, classifier=False, report_path=folder / "report.json", plots_dir=folder)
+    pngs = sorted(folder.glob("*.png"))
+    assert results["plots_skipped"] is None
+    assert [p.name for p in pngs] == sorted(f"{stem}.png" for stem in report_module.PLOT_CAPTIONS)
+    assert sorted(results["plots"]) == sorted(str(p) for p in pngs)
+    for png in pngs:
+        width, height = _png_size(png)
+        assert width >= 500 and height >= 400 and png.stat().st_size > 20_000, png.name
+        pixels = matplotlib_image.imread(png)[..., :3]
+        assert (pixels.min(axis=2) < 0.5).mean() > 0.01, f"{png.name} is nearly blank"
+        assert (np.abs(pixels - pixels[..., :1]).max(axis=2) > 0.3).any(), f"{png.name} lacks the orange generated curve"
+    markdown = (folder / "report.md").read_text()
+    assert sorted(_linked(markdown)) == [p.name for p in pngs]
+    assert "Plots skipped" not in markdown
+    assert sorted(p.name for p in folder.iterdir() if p.suffix not in (".png",)) == ["report.json", "report.md"]
+
+
+def test_a_failing_figure_keeps_the_others(tmp_path, photons, monkeypatch):
+    pytest.importorskip("matplotlib")
+
+    def broken(*args, **kwargs):
+        raise ValueError("test failure")
+
+    # the two grids fail (also the slowest figures): the three profiles are still written and linked
+    monkeypatch.setattr(report_module, "_layer_grid_figure", broken)
+    monkeypatch.setattr(report_module, "_separating_figure", broken)
+    generated, reference = (p.subset(slice(0, 100)) for p in photons)
+    results = evaluate(generated, reference, classifier=False, report_path=tmp_path / "report.json",
+                       plots_dir=tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["energy_response.png", "longitudinal_profile.png", "radial_profile.png"]
+    assert results["plots_skipped"] == ("feature_histograms.png failed (ValueError: test failure); "
+                                        "most_separating_features.png failed (ValueError: test failure)")
+    markdown = (tmp_path / "report.md").read_text()
+    assert sorted(_linked(markdown)) == pngs
+    assert f"Plots skipped: {results['plots_skipped']}." in markdown
+
+
+def test_report_without_matplotlib_says_why(tmp_path, photons, monkeypatch, capsys):
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
+    generated, reference = (p.subset(slice(0, 100)) for p in photons)
+    results = evaluate(generated, reference, classifier=False, report_path=tmp_path / "out" / "report.json",
+                       plots_dir=tmp_path / "out")
+    assert results["plots"] == []
+    assert re.match(r"matplotlib is not installed or does not import \((ImportError|ModuleNotFoundError): ",
+                    results["plots_skipped"])
+    assert "pip install matplotlib" in results["plots_skipped"]
+    assert f"pcfm.evaluate: plots skipped: {results['plots_skipped']}" in capsys.readouterr().out
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"Plots skipped: {results['plots_skipped']}." in markdown and not _linked(markdown)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["plots_skipped"] == results["plots_skipped"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
 
 
 def test_bad_inputs_name_the_sample_and_event(photons, tmp_path):

@@ -10,6 +10,8 @@ from pcfm.evaluation.classifier import classifier_auc, roc_auc
 from pcfm.evaluation.distances import (frechet_distance, kernel_distance, separation_power,
                                        separation_powers)
 from pcfm.evaluation.features import feature_matrix, high_level_features
+from pcfm.evaluation.report import PLOT_CAPTIONS, make_plots, markdown_summary, write_report
 
 __all__ = ["classifier_auc", "roc_auc", "frechet_distance", "kernel_distance", "separation_power",
-           "separation_powers", "feature_matrix", "high_level_features"]
+           "separation_powers", "feature_matrix", "high_level_features", "PLOT_CAPTIONS", "make_plots",
+           "markdown_summary", "write_report"]
