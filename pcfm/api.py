@@ -3,6 +3,11 @@
 ``pcfm.pretrain()`` with no argument pretrains the tiny backbone by masked point modelling on
 showers simulated on the fly (CaloChallenge dataset-2 geometry) and writes checkpoints and logs
 to ``pcfm_runs/pretrain``; run it again and it resumes where it stopped.
+
+``pcfm.pretrain(..., init_from=checkpoint)`` starts a new run from the weights of another one
+(adapting a model to a new geometry, say): every parameter and buffer of the checkpoint whose
+name exists in the new model is copied, then training starts with a fresh optimiser, schedule
+and step count. That differs from resuming, which continues the same run where it stopped.
 """
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ import lightning as L
 from pcfm.engine.data import PretrainDataModule
 from pcfm.engine.training import checkpoint_path, fit, make_trainer, read_history
 from pcfm.nn import BACKBONE_PRESETS, BackboneConfig
-from pcfm.tasks.pretrain import PretrainModule
+from pcfm.tasks.pretrain import CheckpointError, PretrainModule, read_checkpoint
+
+#: Entries never copied by ``init_from``: whether the module saw its training data. The new run
+#: has new data, so every objective's ``on_data`` runs on it (the diffusion objective keeps the
+#: copied normalisation and only fits its points-per-event model of the new geometries).
+INIT_SKIPPED = ("data_statistics_fitted",)
 
 
 @dataclass
@@ -33,6 +43,8 @@ class PretrainResult:
             is one).
         history: one dict per logged step (``step``, ``train/loss``, ``train/mpm/chamfer``, ...,
             ``val/...`` where validated), from the CSV logs of the run and its resumptions.
+        initialised_from: with ``init_from``, what :func:`load_initial_weights` copied
+            (``source``, ``copied``, ``not_in_model``, ``not_in_checkpoint``); else None.
     """
 
     module: PretrainModule
@@ -40,6 +52,7 @@ class PretrainResult:
     workdir: Path
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    initialised_from: Optional[dict[str, Any]] = None
 
 
 def backbone_config(model: str | BackboneConfig | Mapping[str, Any]) -> BackboneConfig:
@@ -71,9 +84,72 @@ def objective_weights(objective: str | Sequence[str] | Mapping[str, float]) -> d
     return {name: float(weight) for name, weight in objective.items()}
 
 
+def _init_source(init_from: str | os.PathLike | PretrainModule) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Name, hyperparameters and state dict (on the CPU) of an ``init_from`` checkpoint or module."""
+    if isinstance(init_from, PretrainModule):
+        state = {key: value.detach().cpu() for key, value in init_from.state_dict().items()}
+        return "<in-memory PretrainModule>", dict(init_from.hparams), state
+    checkpoint = read_checkpoint(init_from, map_location="cpu")
+    return str(init_from), dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
+
+
+def _transform_kind(objective_config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The energy transform's kind and options without its fitted statistics (None if it has none)."""
+    transform = objective_config.get("energy_transform")
+    if not isinstance(transform, Mapping):
+        return None
+    return {key: value for key, value in transform.items() if key not in ("mean", "std")}
+
+
+def load_initial_weights(module: PretrainModule, init_from: str | os.PathLike | PretrainModule) -> dict[str, Any]:
+    """Copy into ``module`` every parameter and buffer of ``init_from`` that it also has.
+
+    Entries only the checkpoint has (an objective not trained now) are left out, entries only
+    the module has (a new objective's head) keep their fresh initialisation, and
+    :data:`INIT_SKIPPED` is never copied. Returns what was done: ``source``, ``copied``,
+    ``not_in_model`` and ``not_in_checkpoint`` (names).
+
+    Raises:
+        FileNotFoundError, CheckpointError: ``init_from`` is not a readable pcfm pretraining
+            checkpoint.
+        CheckpointError: naming the checkpoint and the first parameter whose shape differs
+            (another backbone size or head), an energy transform of another kind (its copied
+            statistics would mean something else), or no entry in common at all.
+    """
+    return _copy_weights(module, *_init_source(init_from))
+
+
+def _copy_weights(module: PretrainModule, name: str, hparams: Mapping[str, Any],
+                  state: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`load_initial_weights` from a source already read (:func:`_init_source`)."""
+    for objective, config in (hparams.get("objectives") or {}).items():
+        if objective in module.objectives:
+            stored, wanted = _transform_kind(config), _transform_kind(module.objectives[objective].config())
+            if stored is not None and wanted is not None and stored != wanted:
+                raise CheckpointError(name, f"objective {objective!r} uses energy transform {stored}, but the "
+                                            f"model to train uses {wanted}; its fitted statistics cannot be reused")
+    target = module.state_dict()
+    mismatched = [key for key, value in state.items()
+                  if key in target and key not in INIT_SKIPPED and tuple(value.shape) != tuple(target[key].shape)]
+    if mismatched:
+        key = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise CheckpointError(name, f"cannot initialise from it: parameter {key!r} has shape "
+                                    f"{tuple(state[key].shape)} there but {tuple(target[key].shape)} in the model "
+                                    f"to train{more}; use the checkpoint's backbone (model=None) and objective "
+                                    f"options")
+    copied = {key: value for key, value in state.items() if key in target and key not in INIT_SKIPPED}
+    if not copied:
+        raise CheckpointError(name, "cannot initialise from it: none of its parameters exists in the model to train")
+    module.load_state_dict(copied, strict=False)
+    return {"source": name, "copied": sorted(copied),
+            "not_in_model": sorted(key for key in state if key not in target and key not in INIT_SKIPPED),
+            "not_in_checkpoint": sorted(key for key in target if key not in state and key not in INIT_SKIPPED)}
+
+
 def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data: Any = None, *,
              geometry: str | Sequence[str] | None = None,
-             model: str | BackboneConfig | Mapping[str, Any] = "tiny", max_steps: int = 1000,
+             model: str | BackboneConfig | Mapping[str, Any] | None = None, max_steps: int = 1000,
              batch_points: int = 20_000, lr: float = 1e-3, warmup_steps: Optional[int] = None,
              weight_decay: float = 0.05, mask_ratio: Optional[float] = None,
              objective_options: Optional[Mapping[str, Mapping[str, Any]]] = None, n_events: int = 1024,
@@ -83,7 +159,8 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
              checkpoint_every_n_steps: int = 100, val_every_n_steps: Optional[int] = None,
              gradient_clip_val: float = 1.0, callbacks: Optional[Sequence[L.Callback]] = None,
              progress: bool = True, deterministic: bool | str = False,
-             data_options: Optional[Mapping[str, Any]] = None) -> PretrainResult:
+             data_options: Optional[Mapping[str, Any]] = None,
+             init_from: str | os.PathLike | PretrainModule | None = None) -> PretrainResult:
     """Pretrain a backbone by masked point modelling, point diffusion or both, and save it.
 
     Args:
@@ -95,7 +172,8 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
             "lartpc-768" for LArTPC events); with files, a name given here overrides the
             geometry ``open_dataset`` finds per file (default: keep it).
         model: backbone preset ("tiny", "small", "base"), a BackboneConfig, or a dict
-            ``{"preset": "small", "depth": 8, ...}`` of overrides.
+            ``{"preset": "small", "depth": 8, ...}`` of overrides; None: the backbone of
+            ``init_from``, else "tiny".
         max_steps: optimiser steps; the learning-rate schedule ends here.
         batch_points: point budget of a batch (events are packed up to it).
         lr: peak AdamW learning rate.
@@ -103,7 +181,8 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
         weight_decay: AdamW weight decay on weight matrices.
         mask_ratio: share of tokens masked by "mpm" (default its own, 0.6).
         objective_options: objective name -> constructor keywords, e.g.
-            ``{"mpm": {"decoder_depth": 1, "energy_weighted_chamfer": True}}``.
+            ``{"mpm": {"decoder_depth": 1, "energy_weighted_chamfer": True}}``; with
+            ``init_from``, they update the checkpoint's options of the objectives it holds.
         n_events: simulated events per geometry (``data=None`` only).
         val_fraction: share of events held out for validation (0: none).
         workdir: folder of checkpoints (``checkpoints/last.ckpt``) and CSV logs (``logs/``).
@@ -124,17 +203,29 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
         data_options: more :class:`~pcfm.engine.data.PretrainDataModule` keywords
             (``particles``, ``energy_range``, ``theta_range``, ``lartpc_points``, ``max_events``,
             ``min_points``, ``dataset_options``).
+        init_from: a pretraining checkpoint file (or :class:`PretrainModule`) whose weights
+            start this new run: the backbone and the heads of the objectives it shares, copied
+            by :func:`load_initial_weights`; the optimiser, schedule and step count start
+            afresh. A run that resumes (``resume`` and ``workdir`` holds ``last.ckpt``)
+            continues from its own checkpoint instead, but ``init_from`` must still be readable.
 
     Returns:
         :class:`PretrainResult`.
 
     Raises:
-        CheckpointError: ``last.ckpt`` is corrupt, or belongs to another model (with ``resume``).
+        CheckpointError: ``last.ckpt`` is corrupt, or belongs to another model (with ``resume``);
+            ``init_from`` is unreadable or does not fit the model (the message names it and the
+            first parameter whose shape differs).
         TrainingDivergedError: a loss became NaN or infinite (the message names the step,
             the term and the batch).
     """
     weights = objective_weights(objective)
-    options = {name: dict((objective_options or {}).get(name, {})) for name in weights}
+    source = None if init_from is None else _init_source(init_from)
+    source_objectives = {} if source is None else dict(source[1].get("objectives") or {})
+    if model is None:
+        model = "tiny" if source is None else source[1]["backbone"]
+    options = {name: {**dict(source_objectives.get(name) or {}), **dict((objective_options or {}).get(name, {}))}
+               for name in weights}
     unknown = set(objective_options or {}) - set(weights)
     if unknown:
         raise ValueError(f"objective_options given for {sorted(unknown)}, which are not trained ({sorted(weights)})")
@@ -149,6 +240,7 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
     L.seed_everything(seed, workers=True, verbose=False)
     module = PretrainModule(backbone_config(model), objectives=options, weights=weights, lr=lr,
                             weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
+    initialised = None if source is None else _copy_weights(module, *source)
     datamodule = PretrainDataModule(data, geometry=geometry, n_events=n_events, val_fraction=val_fraction,
                                     batch_points=batch_points, num_workers=num_workers, seed=seed,
                                     **dict(data_options or {}))
@@ -165,4 +257,5 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
     if val_fraction > 0:
         for results in trainer.validate(module, datamodule=datamodule, verbose=False):
             metrics.update({key: float(value) for key, value in results.items()})
-    return PretrainResult(module=module, checkpoint_path=last, workdir=workdir, metrics=metrics, history=history)
+    return PretrainResult(module=module, checkpoint_path=last, workdir=workdir, metrics=metrics, history=history,
+                          initialised_from=initialised)

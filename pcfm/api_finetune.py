@@ -11,9 +11,18 @@ backbone sees points in mm, never cell indices.
 (:class:`~pcfm.engine.data.PretrainDataModule`: file / dataset / simulation, point-budget
 batches) and splits the labelled events three ways: a held-out test part, a validation part
 and the training part, of which ``n_labels`` events are kept.
+
+A run is resumable like pretraining: rerunning :func:`finetune` with the same settings continues
+from ``workdir/checkpoints/last.ckpt`` (a finished run is only tested again). Every checkpoint
+records the run's settings (:data:`RUN_ENTRY`), so a workdir holding another run is never
+resumed by mistake. With validation events, ``workdir/checkpoints/best.ckpt`` keeps the weights
+of the lowest validation loss, and the held-out metrics are those of whichever of the final and
+the best weights validates lower; ``patience`` stops training when the validation loss stops
+improving.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +33,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch_geometric.loader import DataLoader
 
 from pcfm.api import backbone_config
@@ -31,17 +41,21 @@ from pcfm.data import PointBudgetBatchSampler
 from pcfm.data.atomic import atomic_path
 from pcfm.engine.data import (DEFAULT_GEOMETRY, PretrainDataModule, PretrainingView, event_sizes,
                               pretraining_item, split_indices)
-from pcfm.engine.training import checkpoint_path, fit, make_trainer, read_history
+from pcfm.engine.training import CHECKPOINT_DIR, checkpoint_path, fit, make_trainer, read_history
 from pcfm.errors import DataError
 from pcfm.nn import Backbone, BackboneConfig
 from pcfm.tasks.finetune import (CLASS_NAMES, TASKS, FinetuneModule, backbone_state, log_visible_energy,
                                  regression_values, task_metrics)
-from pcfm.tasks.pretrain import read_checkpoint
+from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
 
 #: Geometry simulated for segmentation when neither data nor a geometry is given.
 DEFAULT_SEGMENTATION_GEOMETRY = "lartpc-768"
 #: File of the held-out metrics in the workdir.
 METRICS_FILE = "metrics.json"
+#: File, next to ``last.ckpt``, of the weights with the lowest validation loss.
+BEST_CHECKPOINT = "best.ckpt"
+#: Checkpoint entry of a fine-tuning run: its ``settings`` and whether it ``finished``.
+RUN_ENTRY = "pcfm_finetune_run"
 
 
 @dataclass
@@ -52,9 +66,16 @@ class FinetuneResult:
         module: the fine-tuned :class:`~pcfm.tasks.finetune.FinetuneModule`.
         metrics: held-out test metrics (:func:`~pcfm.tasks.finetune.task_metrics`) plus
             ``n_train`` and ``n_test`` events.
-        metrics_path: ``workdir/metrics.json``: these metrics and the run's settings.
-        checkpoint_path: ``workdir/checkpoints/last.ckpt`` of the fine-tuned model.
+        metrics_path: ``workdir/metrics.json``: these metrics, the run's settings and ``training``.
+        checkpoint_path: ``workdir/checkpoints/last.ckpt``: the final weights, and the point a
+            rerun resumes from.
         history: one dict per logged step (``train/loss``, ``val/loss``, ...).
+        tested_checkpoint: the checkpoint whose weights ``module`` holds and ``metrics`` measure:
+            ``best.ckpt`` when it validates lower than the final weights, else ``last.ckpt``.
+        training: ``steps`` trained, ``max_steps``, ``stopped_early``, ``patience``,
+            ``resumed_from_step`` (None: started afresh), ``val_loss`` of the ``last`` and
+            ``best`` weights, ``best_val_loss`` (None without validation), ``tested_checkpoint``
+            and ``tested_step``.
     """
 
     module: FinetuneModule
@@ -62,6 +83,8 @@ class FinetuneResult:
     metrics_path: Path
     checkpoint_path: Path
     history: list[dict[str, float]] = field(default_factory=list)
+    tested_checkpoint: Optional[Path] = None
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 class LabelledView(PretrainingView):
@@ -221,17 +244,65 @@ def pretrained_backbone(checkpoint: Any, model: str | BackboneConfig | Mapping[s
     return backbone.config, {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
 
 
+class FinetuneRun(L.Callback):
+    """Writes the run's settings into every checkpoint (:data:`RUN_ENTRY`), and whether training
+    is over (``max_steps`` reached or stopped early), so that a rerun resumes only its own run and
+    does not train a finished one again."""
+
+    def __init__(self, settings: Mapping[str, Any], max_steps: int):
+        self.settings, self.max_steps = dict(settings), int(max_steps)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        finished = trainer.global_step >= self.max_steps or bool(trainer.should_stop)
+        checkpoint[RUN_ENTRY] = {"settings": self.settings, "finished": finished}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists, paths strings), for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _digest(arrays: Sequence[tuple[str, Any]]) -> str:
+    """Short SHA-256 of named tensors or arrays (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, value in arrays:
+        value = value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        if value.numel():
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+#: What the settings compared by :func:`_check_same_run` that are digests stand for.
+DIGESTS = {"checkpoint_weights": "SHA-256 of the starting checkpoint's backbone weights; None: from scratch",
+           "split": "digest of the train / validation / test events and their sizes: other data"}
+
+
+def _check_same_run(path: Path, workdir: Path, stored: Optional[Mapping[str, Any]], wanted: Mapping[str, Any]) -> None:
+    """Raise a CheckpointError naming ``path`` and the first setting that differs."""
+    advice = f"pass resume=False to start afresh in {workdir} (its checkpoints are deleted) or use another workdir"
+    if stored is None:
+        raise CheckpointError(path, f"holds no record of a fine-tuning run's settings (a pretraining checkpoint, "
+                                    f"or one written before fine-tuning was resumable); {advice}")
+    for key in [*wanted, *(key for key in stored if key not in wanted)]:
+        if stored.get(key) != wanted.get(key):
+            meaning = f" ({DIGESTS[key]})" if key in DIGESTS else ""
+            raise CheckpointError(path, f"belongs to another fine-tuning run: its {key} is {stored.get(key)!r}, "
+                                        f"not {wanted.get(key)!r}{meaning}; {advice}")
+
+
 def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
              model: str | BackboneConfig | Mapping[str, Any] = "tiny", mode: str = "full",
              n_labels: Optional[int] = None, geometry: str | Sequence[str] | None = None, n_events: int = 1024,
              targets: Sequence[str] = ("incident_energy",), test_fraction: float = 0.2, val_fraction: float = 0.1,
              max_steps: int = 500, batch_points: int = 20_000, lr: float = 5e-4, backbone_lr_scale: float = 0.1,
              warmup_steps: Optional[int] = None, weight_decay: float = 0.05,
-             workdir: str | os.PathLike = "pcfm_runs/finetune", seed: int = 0, accelerator: str = "auto",
+             workdir: str | os.PathLike = "pcfm_runs/finetune", resume: bool = True, patience: Optional[int] = None,
+             seed: int = 0, accelerator: str = "auto",
              devices: Any = "auto", precision: Optional[str] = None, num_workers: int = 0,
-             log_every_n_steps: int = 10, val_every_n_steps: Optional[int] = None,
+             log_every_n_steps: int = 10, checkpoint_every_n_steps: int = 100, val_every_n_steps: Optional[int] = None,
              callbacks: Optional[Sequence[L.Callback]] = None, progress: bool = True,
-             data_options: Optional[Mapping[str, Any]] = None) -> FinetuneResult:
+             deterministic: bool | str = False, data_options: Optional[Mapping[str, Any]] = None) -> FinetuneResult:
     """Fine-tune a backbone with a task head, test it on held-out events and write the metrics.
 
     Args:
@@ -255,19 +326,42 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         max_steps: optimiser steps. batch_points: point budget of a batch.
         lr: head learning rate. backbone_lr_scale: backbone lr / lr in "layerwise" mode.
         warmup_steps: linear warm-up (default ``min(50, max_steps // 10)``). weight_decay: AdamW's.
-        workdir: folder of the checkpoint, logs and ``metrics.json`` (a new run overwrites them).
+        workdir: folder of the checkpoints (``checkpoints/last.ckpt``, ``checkpoints/best.ckpt``),
+            logs and ``metrics.json``.
+        resume: continue from ``workdir/checkpoints/last.ckpt`` when it exists (a finished run
+            is only tested again); its recorded settings (task, mode, n_labels, seed, the
+            starting checkpoint's weights, backbone, data options and split, schedule, patience,
+            ...) must equal these (data files are compared by the events they hold, not by
+            path). False deletes the workdir's checkpoints and starts afresh.
+        patience: stop after this many validations in a row without a lower ``val/loss``
+            (Lightning's EarlyStopping); None: train ``max_steps``. Needs validation events.
         seed: seeds the weights of the head, the simulation, the splits and the label subset.
-        accelerator, devices, precision, num_workers, log_every_n_steps, val_every_n_steps,
-            callbacks, progress: as in :func:`pcfm.pretrain`.
+        checkpoint_every_n_steps: ``last.ckpt`` interval (it is also written at the end).
+        val_every_n_steps: validation interval (default ``checkpoint_every_n_steps``); each
+            validation that lowers ``val/loss`` rewrites ``best.ckpt``.
+        accelerator, devices, precision, num_workers, log_every_n_steps, callbacks, progress,
+            deterministic: as in :func:`pcfm.pretrain`.
         data_options: more :class:`~pcfm.engine.data.PretrainDataModule` keywords
             (``particles``, ``energy_range``, ``theta_range``, ``lartpc_points``, ``max_events``, ...).
 
     Returns:
-        :class:`FinetuneResult`.
+        :class:`FinetuneResult`. Its metrics measure the final weights, or with validation events
+        whichever of the final weights and ``best.ckpt`` has the lower validation loss (after
+        early stopping: ``best.ckpt``); ``training`` says which.
+
+    Raises:
+        CheckpointError: with ``resume``, ``last.ckpt`` is corrupt, or belongs to another run
+            (the message names it and the first differing setting).
+        ValueError: ``patience`` without validation events, or below 1.
     """
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 validations (or None), got {patience}")
+    if checkpoint_every_n_steps < 1:
+        raise ValueError(f"checkpoint_every_n_steps must be >= 1, got {checkpoint_every_n_steps}")
     config, weights = pretrained_backbone(checkpoint, model)
     if warmup_steps is None:
         warmup_steps = min(50, max_steps // 10)
+    val_every = val_every_n_steps or checkpoint_every_n_steps
     workdir = Path(workdir)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = FinetuneDataModule(data, task=task, targets=targets, n_labels=n_labels,
@@ -275,6 +369,36 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
                                     val_fraction=val_fraction, batch_points=batch_points, num_workers=num_workers,
                                     seed=seed, **dict(data_options or {}))
     datamodule.setup("fit")
+    validating = len(datamodule.val_dataset) > 0
+    if patience is not None and not validating:
+        raise ValueError(f"patience={patience} stops on the validation loss, but there are no validation events "
+                         f"(val_fraction={val_fraction}); give val_fraction > 0 or patience=None")
+    names = ("train", "val", "test")
+    parts = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)
+    sizes = (datamodule._train_sizes, datamodule._val_sizes, datamodule._test_sizes)
+    settings = _plain({
+        "task": task, "mode": mode, "n_labels": n_labels, "seed": seed,
+        "checkpoint_weights": None if weights is None else _digest(sorted(weights.items())),
+        "backbone": config.to_dict(), "targets": list(targets) if task == "regression" else None,
+        "geometry": geometry, "n_events": n_events if data is None else None,
+        "data_options": dict(data_options or {}), "test_fraction": test_fraction, "val_fraction": val_fraction,
+        "split": _digest([(name, np.asarray(part.indices)) for name, part in zip(names, parts)]
+                         + [(f"{name}_sizes", np.asarray(size)) for name, size in zip(names, sizes)]),
+        "max_steps": max_steps, "batch_points": batch_points, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+        "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+        "val_every_n_steps": val_every if validating else None, "patience": patience,
+    })
+
+    last, best = checkpoint_path(workdir), workdir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    stored = None
+    if resume and last.is_file():
+        stored = read_checkpoint(last)
+        _check_same_run(last, workdir, (stored.get(RUN_ENTRY) or {}).get("settings"), settings)
+    else:  # a fresh start: no checkpoint of an earlier run may be resumed or tested
+        for path in (last, best):
+            path.unlink(missing_ok=True)
+    finished = stored is not None and bool(stored[RUN_ENTRY]["finished"])
+
     statistics = {}
     if task == "regression":
         statistics["target_mean"], statistics["target_std"] = datamodule.regression_statistics()
@@ -285,21 +409,62 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
                             warmup_steps=warmup_steps, max_steps=max_steps, **statistics)
     if weights is not None:
         module.backbone.load_state_dict(weights)
+    run_callbacks: list[L.Callback] = [FinetuneRun(settings, max_steps)]
+    if validating:
+        run_callbacks.append(ModelCheckpoint(dirpath=best.parent, filename=best.stem, monitor="val/loss", mode="min",
+                                             save_top_k=1, auto_insert_metric_name=False,
+                                             enable_version_counter=False))
+        if patience is not None:
+            run_callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=patience,
+                                               check_on_train_epoch_end=False))
     trainer = make_trainer(workdir, max_steps=max_steps, accelerator=accelerator, devices=devices,
                            precision=precision, log_every_n_steps=log_every_n_steps,
-                           checkpoint_every_n_steps=max_steps, val_every_n_steps=val_every_n_steps,
-                           callbacks=callbacks, progress=progress)
-    fit(trainer, module, datamodule, resume=False)
+                           checkpoint_every_n_steps=checkpoint_every_n_steps, val_every_n_steps=val_every,
+                           callbacks=[*run_callbacks, *(callbacks or [])], progress=progress,
+                           deterministic=deterministic, logger=not finished)
+    if finished:  # nothing left to train: test it again
+        module.load_state_dict(stored["state_dict"])
+        steps = int(stored["global_step"])
+    else:
+        fit(trainer, module, datamodule, resume=resume)
+        steps = int(trainer.global_step)
+    resumed_from = None if stored is None else int(stored["global_step"])
+    del stored
 
-    batches = trainer.predict(module, dataloaders=datamodule.test_dataloader())
+    # Testing, and choosing the weights to test, stays out of the training log.
+    evaluator = trainer if finished else make_trainer(workdir, max_steps=max_steps, accelerator=accelerator,
+                                                      devices=devices, precision=precision, progress=False,
+                                                      logger=False)
+    tested, tested_step, val_losses = last, steps, {}
+    if validating:
+        def validate() -> float:
+            return float(evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+
+        val_losses["last"] = validate()
+        if best.is_file():
+            final = {key: value.detach().clone() for key, value in module.state_dict().items()}
+            best_checkpoint = read_checkpoint(best)
+            module.load_state_dict(best_checkpoint["state_dict"])
+            val_losses["best"] = validate()
+            if val_losses["best"] <= val_losses["last"]:
+                tested, tested_step = best, int(best_checkpoint["global_step"])
+            else:
+                module.load_state_dict(final)
+    training = {"steps": steps, "max_steps": max_steps, "stopped_early": steps < max_steps, "patience": patience,
+                "resumed_from_step": resumed_from, "val_loss": val_losses,
+                "best_val_loss": min(val_losses.values()) if val_losses else None,
+                "tested_checkpoint": str(tested), "tested_step": tested_step}
+
+    batches = evaluator.predict(module, dataloaders=datamodule.test_dataloader())
     prediction, truth = (torch.cat([batch[key] for batch in batches]).numpy() for key in ("prediction", "truth"))
     metrics = task_metrics(task, prediction, truth, targets)
     metrics.update(n_train=len(datamodule.train_dataset), n_test=len(datamodule.test_dataset))
     record = {"task": task, "mode": mode, "n_labels": n_labels, "targets": list(targets) if task == "regression"
               else None, "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
-              "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed, "metrics": metrics}
+              "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed, "metrics": metrics,
+              "training": training}
     metrics_path = workdir / METRICS_FILE
     with atomic_path(metrics_path) as temporary:
         temporary.write_text(json.dumps(record, indent=2, allow_nan=True))
-    return FinetuneResult(module=module, metrics=metrics, metrics_path=metrics_path,
-                          checkpoint_path=checkpoint_path(workdir), history=read_history(workdir))
+    return FinetuneResult(module=module, metrics=metrics, metrics_path=metrics_path, checkpoint_path=last,
+                          history=read_history(workdir), tested_checkpoint=tested, training=training)

@@ -1,4 +1,6 @@
 """The command line: each sub-command on small inputs, through main(argv) as a user runs it."""
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -100,6 +102,24 @@ def test_finetune_from_the_command_line(tmp_path, capsys):
                  f"workdir={workdir}"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and (workdir / "metrics.json").is_file()
+
+
+def test_finetune_resumes_refuses_another_run_and_stops_early_from_the_command_line(tmp_path, capsys):
+    workdir = tmp_path / "ft"
+    run = ["finetune", "task=classification", "n_events=40", "max_steps=4", "batch_points=3000",
+           "accelerator=cpu", "progress=false", "val_every_n_steps=1", "data_options={energy_range: [2000, 20000]}",
+           f"workdir={workdir}"]
+    assert main([*run, "--patience", "1"]) == 0
+    first = capsys.readouterr().out
+    assert "tested " in first and "validation loss" in first
+    assert main([*run, "--patience", "1"]) == 0  # finished: tested again, not trained
+    again = capsys.readouterr().out
+    assert re.search(r"trained \d+ of 4 steps.*; resumed from step \d+", again)
+    assert first.split("\n", 1)[1] == again.split("\n", 1)[1]  # the same tested weights and metrics
+    assert main(run) == 2  # no patience now: another run
+    assert "its patience is 1, not None; pass resume=False" in capsys.readouterr().err
+    assert main([*run, "--no-resume"]) == 0
+    assert "trained 4 of 4 steps\n" in capsys.readouterr().out
 
 
 def test_evaluate_two_simulated_samples(tmp_path, capsys):

@@ -17,25 +17,11 @@ from pcfm.engine.data import PretrainDataModule, ResumableBatchSampler
 from pcfm.tasks import OBJECTIVES, Objective
 from pcfm.tasks.mpm import MaskedPointModelling
 from pcfm.tasks.pretrain import CheckpointError, PretrainModule, TrainingDivergedError, warmup_cosine
+from tests.interruption import InterruptAt, Interrupted
 
 # Small and exactly reproducible on CPU (deterministic=True makes the threaded scatter ops so).
 FAST = dict(n_events=24, batch_points=2000, progress=False, deterministic=True, log_every_n_steps=1,
             model={"preset": "tiny", "depth": 2, "num_tokens": 32}, objective_options={"mpm": {"decoder_depth": 1}})
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptAt(L.Callback):
-    """Stops a run (as a crash would) when the trainer is about to run step ``step``."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Interrupted
 
 
 class EventEnergy(Objective):

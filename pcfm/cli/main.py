@@ -99,7 +99,14 @@ def _cmd_pretrain(args) -> int:
     """``pcfm pretrain --config FILE key=value ...``: the YAML keys are pcfm.pretrain's arguments."""
     from pcfm.api import pretrain
 
-    result = pretrain(**_run_config(args, pretrain))
+    config = _run_config(args, pretrain)
+    if args.init_from is not None:
+        config["init_from"] = str(args.init_from)
+    result = pretrain(**config)
+    if result.initialised_from:
+        init = result.initialised_from
+        print(f"initialised from {init['source']}: {len(init['copied'])} tensors copied, "
+              f"{len(init['not_in_checkpoint'])} trained from scratch")
     losses = [row["train/loss"] for row in result.history if row.get("train/loss") is not None]
     if losses:
         print(f"train loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps")
@@ -113,7 +120,20 @@ def _cmd_finetune(args) -> int:
     """``pcfm finetune --config FILE key=value ...``: the YAML keys are pcfm.finetune's arguments."""
     from pcfm.api_finetune import finetune
 
-    result = finetune(**_run_config(args, finetune))
+    config = _run_config(args, finetune)
+    if args.patience is not None:
+        config["patience"] = args.patience
+    if args.no_resume:
+        config["resume"] = False
+    result = finetune(**config)
+    training = result.training
+    resumed = training.get("resumed_from_step")
+    print(f"trained {training['steps']} of {training['max_steps']} steps"
+          + (" (stopped early: no lower validation loss)" if training.get("stopped_early") else "")
+          + ("" if resumed is None else f"; resumed from step {resumed}"))
+    if training.get("best_val_loss") is not None:
+        print(f"tested {result.tested_checkpoint} (step {training['tested_step']}, "
+              f"validation loss {training['best_val_loss']:.4f})")
     for key, value in sorted(result.metrics.items()):
         print(f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}")
     print(f"metrics: {result.metrics_path}\ncheckpoint: {result.checkpoint_path}")
@@ -204,11 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="pretrain a backbone (masked point modelling and/or point diffusion)")
     pre.add_argument("--config", type=Path, default=None, help="YAML file of pcfm.pretrain arguments (see configs/)")
+    pre.add_argument("--init-from", type=Path, default=None,
+                     help="pretraining checkpoint whose weights start this new run (fresh optimiser and schedule; "
+                          "not a resume)")
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model=small")
     pre.set_defaults(func=_cmd_pretrain)
 
     fine = sub.add_parser("finetune", help="fine-tune a backbone: classification, regression or segmentation")
     fine.add_argument("--config", type=Path, default=None, help="YAML file of pcfm.finetune arguments")
+    fine.add_argument("--patience", type=int, default=None,
+                      help="stop after this many validations without a lower validation loss (patience=N)")
+    fine.add_argument("--no-resume", action="store_true",
+                      help="start afresh, deleting the workdir's checkpoints (resume=false); by default a rerun "
+                           "resumes its own run")
     fine.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=classification n_labels=100")
     fine.set_defaults(func=_cmd_finetune)
 
