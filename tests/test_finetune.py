@@ -6,8 +6,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 
+import pcfm.data
+import pcfm.sim
 from pcfm.api import backbone_config, pretrain
 from pcfm.engine.data import simulate_pretraining_events
 from pcfm.api_finetune import FinetuneDataModule, balanced_subset, finetune, pretrained_backbone
@@ -194,3 +196,25 @@ def test_task_metrics_on_known_predictions():
     regression = task_metrics("regression", measured, energy)
     assert regression == pytest.approx({"incident_energy/resolution": np.std([0.1, -0.05]),
                                         "incident_energy/bias": 0.025})
+
+
+def test_regression_cannot_read_its_targets_from_the_conditioning():
+    showers = pcfm.sim.simulate_showers("calochallenge-ds2", 4, particle="electron", energy=(2e3, 2e4), seed=5)
+    dataset = pcfm.data.ShowerDataset(showers)
+    batch = Batch.from_data_list([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    module = FinetuneModule(backbone_config("tiny"), task="regression", targets=("incident_energy", "theta")).eval()
+    with torch.no_grad():  # AdaLN starts at zero: make the conditioning act, as after training
+        for parameter in module.backbone.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed = batch.clone()
+    changed.incident_energy, changed.theta = batch.incident_energy * 2.0, batch.theta + 0.3
+    with torch.no_grad():
+        outputs = module(batch), module(changed)
+        # The conditioning does carry the energy: a classifier on the same backbone sees the change.
+        classifier = FinetuneModule(backbone_config("tiny"), task="classification").eval()
+        classifier.backbone.load_state_dict(module.backbone.state_dict())
+        logits = classifier(batch), classifier(changed)
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.allclose(logits[0], logits[1])
+    assert torch.allclose(module.labels(changed)[:, 0], module.labels(batch)[:, 0] + math.log(2.0))

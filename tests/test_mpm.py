@@ -149,3 +149,37 @@ def test_registry_and_config_round_trip():
         get_objective_class("mae")
     with pytest.raises(ValueError, match="mask_ratio must be in"):
         MaskedPointModelling(backbone.config, mask_ratio=1.5)
+
+
+def perturb(module, scale=0.05):
+    """Add seeded noise to every parameter, so zero-initialised conditioning paths act."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.mark.parametrize("dropout, blind", [(1.0, True), (0.0, False)])
+def test_condition_dropout_hides_the_incident_energy_while_training(shower_batch, dropout, blind):
+    backbone, _ = tiny()
+    perturb(backbone)  # AdaLN starts at zero: the conditioning matters only after training
+    objective = MaskedPointModelling(backbone.config, decoder_depth=1, condition_dropout=dropout).train()
+    scaled = shower_batch.clone()
+    scaled.incident_energy = shower_batch.incident_energy * 7.0
+    losses = [objective.loss(backbone, batch, torch.Generator().manual_seed(4))["loss"].item()
+              for batch in (shower_batch, scaled)]
+    assert (losses[0] == losses[1]) == blind
+    assert torch.equal(shower_batch.incident_energy, scaled.incident_energy / 7.0)  # the batch is not modified
+
+
+def test_condition_dropout_is_off_in_evaluation_and_validated(shower_batch):
+    backbone, _ = tiny()
+    perturb(backbone)
+    objective = MaskedPointModelling(backbone.config, decoder_depth=1, condition_dropout=1.0).eval()
+    scaled = shower_batch.clone()
+    scaled.incident_energy = shower_batch.incident_energy * 7.0
+    losses = [objective.loss(backbone, batch, torch.Generator().manual_seed(4))["loss"].item()
+              for batch in (shower_batch, scaled)]
+    assert losses[0] != losses[1]
+    with pytest.raises(ValueError, match="condition_dropout"):
+        MaskedPointModelling(backbone.config, condition_dropout=1.5)

@@ -313,3 +313,23 @@ def test_a_few_steps_fit_the_incident_energy(ds2):
         optimiser.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.25  # far better than predicting the mean (loss 1)
+
+
+def test_hide_condition_copies_the_batch_and_marks_the_fields_unknown():
+    from torch_geometric.data import Batch, Data
+
+    from pcfm.nn import condition_features, hide_condition
+
+    events = [Data(pos=torch.zeros(2, 3), incident_energy=torch.tensor([1e3 * (i + 1)]), theta=torch.tensor([0.1]))
+              for i in range(3)]
+    batch = Batch.from_data_list(events)
+    hidden = hide_condition(batch, ("incident_energy",), torch.tensor([True, False, True]))
+    assert torch.isnan(hidden.incident_energy).tolist() == [True, False, True]
+    assert torch.equal(batch.incident_energy, torch.tensor([1e3, 2e3, 3e3]))  # the original is untouched
+    assert hidden.pos is batch.pos and hidden.num_graphs == 3
+    features = condition_features(hidden, 3, torch.device("cpu"))
+    assert features[:, 1].tolist() == [0.0, 1.0, 0.0] and features[:, 4].tolist() == [1.0, 1.0, 1.0]
+    everything = hide_condition(batch)
+    assert condition_features(everything, 3, torch.device("cpu"))[:, [1, 4, 7]].abs().sum() == 0
+    with pytest.raises(ValueError, match="cannot hide"):
+        hide_condition(batch, ("energy",))

@@ -9,11 +9,12 @@
 from pcfm.nn.backbone import (BACKBONE_PRESETS, Backbone, BackboneConfig, BackboneOutput, count_parameters,
                               preset_parameter_counts)
 from pcfm.nn.blocks import AdaptiveLayerNorm, GlobalAttention, LocalAttention, TransformerGNNBlock
-from pcfm.nn.encoding import ConditionEncoder, FourierFeatures, FourierMLP, condition_features
+from pcfm.nn.encoding import (CONDITION_FIELDS, ConditionEncoder, FourierFeatures, FourierMLP, condition_features,
+                              hide_condition)
 from pcfm.nn.tokenizer import PointNetTokenizer, Tokens
 
 __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "BACKBONE_PRESETS", "count_parameters",
     "preset_parameter_counts", "AdaptiveLayerNorm", "GlobalAttention", "LocalAttention", "TransformerGNNBlock",
-    "ConditionEncoder", "FourierFeatures", "FourierMLP", "condition_features", "PointNetTokenizer", "Tokens",
+    "CONDITION_FIELDS", "ConditionEncoder", "FourierFeatures", "FourierMLP", "condition_features", "hide_condition", "PointNetTokenizer", "Tokens",
 ]

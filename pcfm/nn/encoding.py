@@ -14,6 +14,7 @@ value becomes zeros plus a "known" flag of 0, so that data without incident ener
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional, Sequence
 
@@ -113,6 +114,35 @@ def condition_features(data, num_events: int, device: torch.device) -> Tensor:
         angle = torch.where(known, angle, 0.0)
         columns += [angle.cos() * known, angle.sin() * known, known.float()]
     return torch.stack(columns, dim=1)
+
+
+#: The event fields :class:`ConditionEncoder` reads, which :func:`hide_condition` can hide.
+CONDITION_FIELDS = ("incident_energy", "theta", "phi")
+
+
+def hide_condition(data, fields: Sequence[str] = CONDITION_FIELDS, events: Optional[Tensor] = None):
+    """A shallow copy of ``data`` in which ``fields`` read as unknown (NaN) for ``events``.
+
+    ``events`` is a boolean (num_events,) mask; None hides the fields of every event. ``data``
+    itself is untouched (its tensors are shared, the hidden fields are new tensors), so a task
+    can feed the copy to the backbone and still read its labels from the original: a regression
+    of the incident energy must not see the incident energy in its conditioning.
+    """
+    unknown = set(fields) - set(CONDITION_FIELDS)
+    if unknown:
+        raise ValueError(f"cannot hide {sorted(unknown)}: the condition fields are {list(CONDITION_FIELDS)}")
+    hidden = copy.copy(data)
+    num_events = int(getattr(data, "num_graphs", 1) or 1)
+    for name in fields:
+        value = getattr(data, name, None)
+        if value is None:
+            continue
+        value = torch.as_tensor(value).reshape(-1).float()
+        if value.numel() != num_events:
+            raise ValueError(f"data.{name} has {value.numel()} values for {num_events} events")
+        nan = torch.full_like(value, math.nan)
+        hidden[name] = nan if events is None else torch.where(events.to(value.device), nan, value)
+    return hidden
 
 
 def geometry_indices(names, vocabulary: Sequence[str], num_events: int, device: torch.device) -> Tensor:

@@ -8,7 +8,8 @@
 - ``"regression"``: event quantities (:data:`REGRESSION_TARGETS`: log of the incident energy,
   the polar angle) from the pooled embedding and the event's log visible energy (the
   calibration every calorimeter regression starts from; the backbone learns the corrections),
-  by a mean squared error on standardised targets;
+  by a mean squared error on standardised targets. The targets are hidden from the backbone's
+  event conditioning (:func:`~pcfm.nn.hide_condition`), which would otherwise read them;
 - ``"segmentation"``: the per-point ``semantic`` class (LArTPC) from the per-point features, by a
   cross-entropy whose class weights (inverse training-set frequencies) counter the imbalance.
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pcfm.data import PARTICLE_CLASSES, PARTICLE_NAMES, SEMANTIC_CLASSES
-from pcfm.nn import Backbone, BackboneConfig
+from pcfm.nn import Backbone, BackboneConfig, hide_condition
 from pcfm.tasks.pretrain import CHECKPOINT_MARKER, check_finite, warmup_cosine
 
 TASKS = ("classification", "regression", "segmentation")
@@ -122,9 +123,11 @@ class FinetuneModule(L.LightningModule):
     # ------------------------------------------------------------------ forward and loss
     def forward(self, batch) -> Tensor:
         """Class logits (B, K), standardised regression outputs (B, T) or point logits (N, K)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.mode != "linear"):
-            output = self.backbone(batch)
         task = self.hparams.task
+        # A regression target in the conditioning would be read, not predicted: hide it.
+        seen = hide_condition(batch, self.hparams.targets) if task == "regression" else batch
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.mode != "linear"):
+            output = self.backbone(seen)
         if task == "classification":
             return self.head(output.pooled)
         if task == "segmentation":

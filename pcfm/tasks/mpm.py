@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from pcfm.nn import Backbone, BackboneConfig, Tokens
 from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock, run_token_blocks
-from pcfm.nn.encoding import FourierFeatures, FourierMLP
+from pcfm.nn.encoding import CONDITION_FIELDS, FourierFeatures, FourierMLP, hide_condition
 from pcfm.nn.tokenizer import offsets
 from pcfm.tasks.objective import Objective
 
@@ -181,18 +181,26 @@ class MaskedPointModelling(Objective):
         huber_delta: where the Huber losses on log-energies turn from quadratic to linear (an
             energy off by a factor e^delta).
         energy_weighted_chamfer: weigh the true points of the Chamfer distance by energy share.
+        condition_dropout: while training, each event's incident energy, theta and phi are each
+            hidden from the conditioning (read as unknown) with this probability, so that the
+            backbone also serves tasks that must not see them (energy regression) or data that
+            lacks them; 0 turns it off.
     """
 
     name = "mpm"
 
     def __init__(self, backbone_config: BackboneConfig, *, mask_ratio: float = 0.6, decoder_depth: int = 2,
                  position_scale_mm: float = 10.0, chamfer_weight: float = 1.0, point_energy_weight: float = 1.0,
-                 total_energy_weight: float = 1.0, huber_delta: float = 1.0, energy_weighted_chamfer: bool = False):
+                 total_energy_weight: float = 1.0, huber_delta: float = 1.0, energy_weighted_chamfer: bool = False,
+                 condition_dropout: float = 0.2):
         super().__init__()
         if not 0.0 <= mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
         if position_scale_mm <= 0:
             raise ValueError(f"position_scale_mm must be > 0, got {position_scale_mm}")
+        if not 0.0 <= condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1], got {condition_dropout}")
+        self.condition_dropout = float(condition_dropout)
         self.mask_ratio = float(mask_ratio)
         self.decoder_depth = int(decoder_depth)
         self.position_scale_mm = float(position_scale_mm)
@@ -208,7 +216,17 @@ class MaskedPointModelling(Objective):
                 "position_scale_mm": self.position_scale_mm, "chamfer_weight": self.weights["chamfer"],
                 "point_energy_weight": self.weights["point_energy"],
                 "total_energy_weight": self.weights["total_energy"], "huber_delta": self.huber_delta,
-                "energy_weighted_chamfer": self.energy_weighted_chamfer}
+                "energy_weighted_chamfer": self.energy_weighted_chamfer, "condition_dropout": self.condition_dropout}
+
+    def drop_conditions(self, batch, generator: Optional[torch.Generator] = None):
+        """``batch`` with each condition field hidden, event by event, with probability ``condition_dropout``."""
+        num_events = int(getattr(batch, "num_graphs", 1) or 1)
+        device = generator.device if generator is not None else batch.pos.device
+        for name in CONDITION_FIELDS:
+            if getattr(batch, name, None) is not None:
+                drop = torch.rand(num_events, generator=generator, device=device) < self.condition_dropout
+                batch = hide_condition(batch, (name,), drop)
+        return batch
 
     def predict(self, backbone: Backbone, tokens: Tokens, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Encode the visible tokens and decode the hidden groups: offsets (G, K, 3), log-energies (G, K)."""
@@ -216,6 +234,8 @@ class MaskedPointModelling(Objective):
         return self.decoder(tokens, visible_features, hidden)
 
     def loss(self, backbone: Backbone, batch, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        if self.training and self.condition_dropout > 0:
+            batch = self.drop_conditions(batch, generator)
         tokens = backbone.tokenize(batch)
         hidden = draw_mask(tokens.ptr, self.mask_ratio, generator)
         predicted_offset, predicted_log_energy = self.predict(backbone, tokens, hidden)
