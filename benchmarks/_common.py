@@ -6,12 +6,14 @@ number in RESULTS.md can be traced and reproduced.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,3 +69,53 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
     for row in rows:
         lines.append("| " + " | ".join(format(row[k], f) if row.get(k) is not None else "-" for _, k, f in columns) + " |")
     return "\n".join(lines)
+
+
+def parse_bool(text: str) -> bool:
+    """A command-line true / false."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_json_or_text(text: str):
+    """A model preset name, or a JSON object of options (``{"depth": 2}``)."""
+    return json.loads(text) if text.strip().startswith("{") else text
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_class, help_texts: Mapping[str, str],
+                       special: Mapping[str, Mapping[str, Any]] = {}) -> None:
+    """One ``--field-name`` option per field of a benchmark's ``Config`` dataclass.
+
+    Every option defaults to None, meaning "keep the preset's value" (:func:`apply_config_options`).
+    The argparse type follows the field's default (bool, list: ``nargs="+"``, tuple: ``nargs=2``);
+    ``special`` gives the ``add_argument`` keywords of a field whose default does not say (None).
+    """
+    defaults = config_class()
+    for item in dataclasses.fields(config_class):
+        value, flag = getattr(defaults, item.name), "--" + item.name.replace("_", "-")
+        options = special.get(item.name)
+        if options is None:
+            if isinstance(value, bool):
+                options = {"type": parse_bool}
+            elif isinstance(value, (list, tuple)):
+                kind = str if isinstance(value[0], str) else (float if isinstance(value[0], float) else int)
+                options = {"type": kind, "nargs": 2 if isinstance(value, tuple) else "+"}
+            else:
+                options = {"type": type(value)}
+        parser.add_argument(flag, default=None, help=help_texts[item.name], **options)
+
+
+def apply_config_options(config, args, tuple_fields: Sequence[str] = ()):
+    """``config`` with the options given on the command line (:func:`add_config_options`) set;
+    a field whose preset is a tuple (or named in ``tuple_fields``) gets a tuple."""
+    for item in dataclasses.fields(config):
+        value = getattr(args, item.name)
+        if value is not None:
+            as_tuple = isinstance(getattr(config, item.name), tuple) or item.name in tuple_fields
+            setattr(config, item.name, tuple(value) if as_tuple else value)
+    if getattr(config, "threads", None) == 0:
+        config.threads = None
+    return config

@@ -1,0 +1,98 @@
+"""benchmarks/generation.py at its micro size: every part runs, the JSON holds finite metrics for
+each, and the markdown and plots are written."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the script imports _common
+_spec = importlib.util.spec_from_file_location("benchmark_generation", BENCHMARKS / "generation.py")
+bench = sys.modules["benchmark_generation"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def finite(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_micro_run_writes_finite_metrics_for_every_part(tmp_path, monkeypatch):
+    out = tmp_path / "results" / "generation.json"
+    argv = ["--config", "micro", "--workdir", str(tmp_path / "work"), "--out", str(out), "--batch-sizes", "1", "4",
+            "1000", "--speed-cap-s", "1"]
+    monkeypatch.setattr(sys, "argv", ["benchmarks/generation.py"] + argv)  # what announce() records
+    bench.main(argv)
+    written = json.loads(out.read_text())
+    assert "--config micro" in written["command"] and written["machine"]["knn_backend"]
+    rows = written["results"]
+    by_part = {part: [r for r in rows if r["part"] == part] for part in ("quality", "adaptation", "speed", "summary")}
+
+    generated, ideal = by_part["quality"]
+    assert generated["sample"] == "generated, Heun 2 steps" and ideal["sample"].startswith("ideal")
+    for row in (generated, ideal):
+        assert row["n_generated"] == row["n_reference"] == 16
+        assert finite(row["auc_low_level"], row["auc_high_level"], row["separation_power_mean"], row["fpd"], row["kpd"])
+        assert 0 <= row["auc_low_level"] <= 1 and 0 <= row["separation_power_mean"] <= 1
+    assert finite(generated["train_seconds"], generated["final_loss"], generated["generate_seconds"])
+    assert generated["plots"] and all(Path(p).is_file() for p in generated["plots"])
+
+    arms = [r for r in by_part["adaptation"] if r["arm"] in ("pretrained", "scratch")]
+    assert sorted((r["arm"], r["n"]) for r in arms) == [("pretrained", 6), ("pretrained", 12), ("scratch", 6),
+                                                         ("scratch", 12)]
+    assert all(finite(r["fpd"], r["auc_low_level"], r["separation_power_mean"]) for r in arms)
+    assert all(r["train_steps"] == 2 for r in arms)
+    ratios = {r["n"]: r for r in by_part["adaptation"] if r["arm"].startswith("ratio")}
+    for n, ratio in ratios.items():
+        fpd = {r["arm"]: r["fpd"] for r in arms if r["n"] == n}
+        assert math.isclose(ratio["fpd_ratio"], fpd["pretrained"] / fpd["scratch"])
+        assert ratio["meets_target"] == (ratio["fpd_ratio"] <= 0.7)
+    assert sorted(ratios) == [6, 12]
+    # the pretrained arm really started from the ds2 model: its run folder says so
+    assert (tmp_path / "work" / "adaptation" / "pretrained_n6_seed0" / "checkpoints" / "last.ckpt").is_file()
+
+    speed = by_part["speed"]
+    assert {(r["sampler_steps"], r["batch_requested"]) for r in speed} == {(s, b) for s in (2, 1) for b in (1, 4, 1000)}
+    for row in speed:
+        if row["batch"]:  # measured, perhaps at a smaller batch than asked, and then said so
+            assert finite(row["showers_per_s"], row["ms_per_shower"], row["deposit_ms_per_shower"])
+            assert math.isclose(row["ms_per_shower"] * row["showers_per_s"], 1000.0)
+            assert row["batch"] == row["batch_requested"] or "cap" in row["note"]
+        else:
+            assert row["note"].startswith("not measured")
+    assert all(r["batch"] == r["batch_requested"] for r in speed if r["batch_requested"] < 1000)
+    # 1000 showers cannot fit 1 s on a CPU: never silently reported as batch 1000
+    big = [r for r in speed if r["batch_requested"] == 1000]
+    assert all(r["batch"] != 1000 and "> cap 1 s" in r["note"] for r in big)
+    assert any(r["batch"] and r["batch"] > 4 for r in big)  # measured at the largest batch that fits
+
+    summary, = by_part["summary"]
+    assert finite(summary["total_wall_s"]) and summary["total_wall_s"] > 0
+    assert set(summary["part_seconds"]) >= {"quality", "adaptation", "speed"}
+    assert all(Path(p).is_file() for p in summary["plots"]) and len(summary["plots"]) == 2
+    markdown = out.with_suffix(".md").read_text()
+    assert "### Quality" in markdown and "### Geometry adaptation" in markdown and "### Speed" in markdown
+
+
+def test_capped_batches_are_round_numbers_below_the_limit():
+    assert [bench.nice_floor(v) for v in (0.5, 1, 7.9, 10, 99.9, 257.3, 12345)] == [0, 1, 7, 10, 99, 250, 12000]
+
+
+def test_training_steps_from_a_time_budget(tmp_path):
+    config = bench.Config(**{**bench.CONFIGS["micro"], "steps": 1000, "train_budget_s": 2.0})
+    data = bench.showers("calochallenge-ds2", 12, 0, config)
+    steps, per_step = bench.calibrated_steps(data, tmp_path / "calibration", config, calibration_steps=6)
+    assert 0 < per_step < 2.0 and steps == min(1000, int(2.0 / per_step))
+    config.train_budget_s = 1e6  # the budget never raises the steps above --steps
+    assert bench.calibrated_steps(data, tmp_path / "again", config, calibration_steps=6)[0] == 1000
+
+
+def test_an_adaptation_ratio_of_two_unusable_generators_is_flagged():
+    ideal = {"part": "adaptation", "arm": "ideal: simulator, independent seed", "fpd": 100.0}
+    def ratio(pretrained):
+        return {"part": "adaptation", "arm": "ratio pretrained / scratch", "n": 100, "fpd_pretrained_mean": pretrained,
+                "fpd_scratch_mean": pretrained * 10, "fpd_ratio": 0.1, "meets_target": True}
+    key = f"FPD pretrained / scratch <= {bench.TARGET_FPD_RATIO} at n = 100"
+    assert bench.targets([ideal, ratio(150.0)])[key] == "0.100: met"
+    flagged = bench.targets([ideal, ratio(5e4)])[key]
+    assert flagged.startswith("0.100: met; but") and "500x" in flagged and "neither arm is a usable generator" in flagged
