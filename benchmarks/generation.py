@@ -81,7 +81,7 @@ SEED_TARGET_REFERENCE, SEED_TARGET_IDEAL, SEED_TARGET_TRAIN = 12, 13, 100
 TARGET_AUC = 0.70
 TARGET_MS_PER_SHOWER = 2.0
 TARGET_FPD_RATIO = 0.7
-#: Above this multiple of the simulator-vs-simulator FPD, an adapted generator is called unusable.
+#: Above this multiple of the simulator-vs-simulator FPD, a met FPD-ratio target gets a warning.
 UNUSABLE_FPD_FACTOR = 10.0
 #: A speed measurement is repeated (best of ``speed_repeats`` kept) while one run takes less than this (s).
 REPEAT_BELOW_S = 5.0
@@ -609,8 +609,9 @@ def targets(rows: list[dict]) -> dict:
             verdict = f"{row['fpd_ratio']:.3f}: {'met' if row['meets_target'] else 'not met'}"
             # A ratio of two bad generators is no evidence of a good one: say how far the better is.
             if floor and row["fpd_pretrained_mean"] > UNUSABLE_FPD_FACTOR * floor[0]:
-                verdict += (f"; but the pretrained arm's FPD is {row['fpd_pretrained_mean'] / floor[0]:.0f}x the "
-                            f"simulator-vs-simulator floor: neither arm is a usable generator at this budget")
+                verdict += (f"; but the pretrained arm's FPD is still {row['fpd_pretrained_mean'] / floor[0]:.0f}x "
+                            f"the simulator-vs-simulator floor: the ratio measures the scratch arm's failure more "
+                            f"than the adapted model's quality")
             out[f"FPD pretrained / scratch <= {TARGET_FPD_RATIO} at n = {row['n']}"] = verdict
     return out
 

@@ -87,7 +87,7 @@ def test_training_steps_from_a_time_budget(tmp_path):
     assert bench.calibrated_steps(data, tmp_path / "again", config, calibration_steps=6)[0] == 1000
 
 
-def test_an_adaptation_ratio_of_two_unusable_generators_is_flagged():
+def test_an_adaptation_ratio_far_from_the_simulator_floor_is_flagged():
     ideal = {"part": "adaptation", "arm": "ideal: simulator, independent seed", "fpd": 100.0}
     def ratio(pretrained):
         return {"part": "adaptation", "arm": "ratio pretrained / scratch", "n": 100, "fpd_pretrained_mean": pretrained,
@@ -95,4 +95,4 @@ def test_an_adaptation_ratio_of_two_unusable_generators_is_flagged():
     key = f"FPD pretrained / scratch <= {bench.TARGET_FPD_RATIO} at n = 100"
     assert bench.targets([ideal, ratio(150.0)])[key] == "0.100: met"
     flagged = bench.targets([ideal, ratio(5e4)])[key]
-    assert flagged.startswith("0.100: met; but") and "500x" in flagged and "neither arm is a usable generator" in flagged
+    assert flagged.startswith("0.100: met; but") and "still 500x the simulator-vs-simulator floor" in flagged
