@@ -119,3 +119,31 @@ def apply_config_options(config, args, tuple_fields: Sequence[str] = ()):
     if getattr(config, "threads", None) == 0:
         config.threads = None
     return config
+
+
+def log(text: str) -> None:
+    """A progress line, flushed at once (long runs are watched through a pipe or a log file)."""
+    print(text, flush=True)
+
+
+def fmt(value) -> str:
+    """A table cell: 3 decimals, "-" for a value not measured."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists), for comparing recorded settings."""
+    return json.loads(json.dumps(value))
+
+
+def device_for(accelerator: str) -> str:
+    """The torch device of a Lightning ``accelerator`` setting: the GPU when asked for and present."""
+    return "cpu" if accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
+def save_png(fig, path: Path) -> str:
+    """A matplotlib figure as a PNG file, laid out tight and written atomically."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return str(path)

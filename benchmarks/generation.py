@@ -61,14 +61,16 @@ import lightning as L
 import numpy as np
 import torch
 
-from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, markdown_table,
-                     parse_json_or_text, write_results)
+from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, device_for, fmt,
+                     log, markdown_table, parse_json_or_text, save_png, write_results)
 from pcfm.api import pretrain
 from pcfm.data import ShowerDataset
 from pcfm.data.atomic import atomic_path
 from pcfm.data.pointcloud import deposit_points
+from pcfm.engine.training import checkpoint_path
 from pcfm.evaluate import evaluate
 from pcfm.generate import generate
+from pcfm.nn import count_parameters
 from pcfm.sim import simulate_showers
 from pcfm.tasks.pretrain import PretrainModule
 
@@ -142,16 +144,8 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def log(text: str) -> None:
-    print(text, flush=True)
-
-
 def knn_backend() -> str:
     return "torch_cluster" if importlib.util.find_spec("torch_cluster") else "torch (torch-cluster not installed)"
-
-
-def device_for(config: Config) -> str:
-    return "cpu" if config.accelerator == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def showers(geometry: str, n: int, seed: int, config: Config):
@@ -222,40 +216,51 @@ def train_source_model(config: Config, workdir: Path) -> tuple[Path, dict]:
     folder = workdir / "quality" / "model"
     settings = {key: getattr(config, key) for key in ("model", "steps", "train_budget_s", "batch_points", "lr",
                                                       "n_train", "energy_range", "energy_transform", "accelerator")}
-    settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+    settings = as_json(settings)  # tuples as lists, as read back
     settings_file = folder / "settings.json"
     stored = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     reuse = stored.get("settings") == settings
+    # A record without "done" predates it and was only written after training.
+    if reuse and stored.get("done", True) and checkpoint_path(folder).is_file():
+        summary = {**stored["summary"], "reused_from": str(folder)}
+        summary.setdefault("calibration", stored.get("calibration"))
+        log(f"[quality] reused the diffusion model in {folder}: {summary['train_seconds']:.0f} s "
+            f"({summary['seconds_per_step']:.3f} s/step); loss {fmt(summary['first_loss'])} -> "
+            f"{fmt(summary['final_loss'])}")
+        return checkpoint_path(folder), summary
     log(f"[quality] simulating {config.n_train} {SOURCE_GEOMETRY} electrons for training (seed {SEED_TRAIN})")
     data = showers(SOURCE_GEOMETRY, config.n_train, SEED_TRAIN, config)
     steps, calibration = config.steps, None
-    if reuse:
+    if reuse:  # an interrupted run with these settings: finish it
         steps, calibration = stored["steps"], stored.get("calibration")
     elif config.train_budget_s:
         steps, per_step = calibrated_steps(data, workdir / "quality" / "calibration", config)
         calibration = {"seconds_per_step": per_step, "budget_s": config.train_budget_s, "steps": steps}
         log(f"[quality] calibration: {per_step:.3f} s/step -> {steps} steps fit {config.train_budget_s:g} s")
-    log(f"[quality] {'finishing / reusing' if reuse else 'training'} the diffusion model ({config.model}, "
+    log(f"[quality] {'finishing' if reuse else 'training'} the diffusion model ({config.model}, "
         f"{steps} steps, batches of {config.batch_points} points) in {folder}")
     if not reuse and folder.exists():
         shutil.rmtree(folder)
+    record = {"settings": settings, "steps": steps, "calibration": calibration}
+
+    def write_record(**fields) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(settings_file) as tmp:
+            tmp.write_text(json.dumps({**record, **fields}))
+
+    write_record(done=False)  # written first, so an interrupted run is resumed, not trained again
     result, summary = train(data, folder, config, max_steps=steps, batch_points=config.batch_points,
                             seed=0, model=config.model, resume=reuse)
-    with atomic_path(settings_file) as tmp:
-        tmp.write_text(json.dumps({"settings": settings, "steps": steps, "calibration": calibration,
-                                   "summary": summary if not reuse else stored.get("summary")}))
-    if reuse and stored.get("summary"):
-        summary = {**stored["summary"], "reused_from": str(folder)}
     summary["calibration"] = calibration
-    summary["parameters"] = sum(p.numel() for p in result.module.parameters())
-    log(f"[quality] {'reused' if reuse else 'trained'}: {summary['train_seconds']:.0f} s "
-        f"({summary['seconds_per_step']:.3f} s/step); loss {fmt(summary['first_loss'])} -> "
-        f"{fmt(summary['final_loss'])}")
+    summary["parameters"] = count_parameters(result.module)
+    write_record(done=True, summary=summary)
+    log(f"[quality] trained: {summary['train_seconds']:.0f} s ({summary['seconds_per_step']:.3f} s/step); "
+        f"loss {fmt(summary['first_loss'])} -> {fmt(summary['final_loss'])}")
     return result.checkpoint_path, summary
 
 
 def run_quality(config: Config, checkpoint: Path, train_summary: dict, workdir: Path, plots: Path) -> list[dict]:
-    device = device_for(config)
+    device = device_for(config.accelerator)
     log(f"[quality] simulating the reference ({config.n_reference}, seed {SEED_REFERENCE}) and ideal "
         f"({config.n_reference}, seed {SEED_IDEAL}) samples")
     reference = showers(SOURCE_GEOMETRY, config.n_reference, SEED_REFERENCE, config)
@@ -280,7 +285,7 @@ def run_quality(config: Config, checkpoint: Path, train_summary: dict, workdir: 
     result = evaluate(ideal, reference, SOURCE_GEOMETRY, classifier=config.classifier,
                       report_path=workdir / "quality" / "evaluation_ideal.json")
     rows.append({"part": "quality", "sample": "ideal: simulator, independent seed", **eval_metrics(result)})
-    log(f"[quality] ideal: " + summary_line(rows[-1]))
+    log("[quality] ideal: " + summary_line(rows[-1]))
     return rows
 
 
@@ -297,7 +302,7 @@ def summary_line(row: dict) -> str:
 
 
 def run_adaptation(config: Config, checkpoint: Path, workdir: Path) -> list[dict]:
-    target, device = config.target_geometry, device_for(config)
+    target, device = config.target_geometry, device_for(config.accelerator)
     source_backbone = PretrainModule.load_from_checkpoint(checkpoint).hparams["backbone"]
     log(f"[adaptation] simulating the {target} reference ({config.n_target_reference}, seed "
         f"{SEED_TARGET_REFERENCE}) and ideal samples")
@@ -484,7 +489,7 @@ def make_plots(rows: list[dict], plots: Path) -> tuple[list[str], Optional[str]]
         axes.set_xlabel("target-geometry training showers")
         axes.set_ylabel("FPD vs target reference")
         axes.legend()
-        written.append(save(fig, plots / "adaptation_fpd.png"))
+        written.append(save_png(fig, plots / "adaptation_fpd.png"))
     speed = [r for r in rows if r.get("part") == "speed" and r.get("showers_per_s")]
     if speed:
         fig = Figure(figsize=(5.5, 4))
@@ -498,15 +503,8 @@ def make_plots(rows: list[dict], plots: Path) -> tuple[list[str], Optional[str]]
         axes.set_xlabel("batch size (showers)")
         axes.set_ylabel("showers / s")
         axes.legend(fontsize=8)
-        written.append(save(fig, plots / "speed.png"))
+        written.append(save_png(fig, plots / "speed.png"))
     return written, None
-
-
-def save(fig, path: Path) -> str:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return str(path)
 
 
 QUALITY_COLUMNS = [("sample", "sample", ""), ("showers", "n_generated", "d"), ("AUC low-level", "auc_low_level", ".3f"),
@@ -580,10 +578,6 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
         lines += ["", "Targets (issue 6, H100):", ""]
         lines += [f"- {name}: {value}" for name, value in summary["targets"].items()]
     return "\n".join(lines) + "\n"
-
-
-def fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def targets(rows: list[dict]) -> dict:
@@ -695,7 +689,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
     plots = out.with_name(out.stem + "_plots")
     workdir = Path(args.workdir or f"pcfm_runs/generation_{args.config}")
-    settings = json.loads(json.dumps(dataclasses.asdict(config)))
+    settings = as_json(dataclasses.asdict(config))
     log(f"config {args.config}: {json.dumps(settings)}")
     rows, part_seconds, earlier = kept_rows(out, args.config, settings, args.parts)
 

@@ -60,8 +60,8 @@ import numpy as np
 import torch
 from torch_geometric.loader import DataLoader
 
-from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, markdown_table,
-                     parse_json_or_text, write_results)
+from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, device_for, fmt,
+                     log, markdown_table, parse_json_or_text, save_png, write_results)
 from pcfm.api import pretrain
 from pcfm.api_finetune import LabelledView, finetune
 from pcfm.data import PointBudgetBatchSampler
@@ -168,15 +168,6 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def log(text: str) -> None:
-    print(text, flush=True)
-
-
-def normalised(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples as lists), for comparing settings."""
-    return json.loads(json.dumps(value))
-
-
 def model_label(model: Any) -> str:
     """A folder-safe name of a backbone: the preset, or a hash of a dict of overrides."""
     if isinstance(model, str):
@@ -184,10 +175,6 @@ def model_label(model: Any) -> str:
     text = json.dumps(model, sort_keys=True)
     preset = model.get("preset", "custom") if isinstance(model, dict) else "custom"
     return f"{preset}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-def device_for(config: Config) -> str:
-    return "cpu" if config.accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
 
 
 def clock(seconds: float) -> str:
@@ -221,32 +208,39 @@ def simulate(domain: str, n: int, seed: int, config: Config) -> EventList:
 def domain_settings(domain: str, config: Config) -> dict:
     """What a domain's simulated pool and test set depend on (part of every run's settings)."""
     if domain == "lartpc":
-        return normalised({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points,
+        return as_json({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points,
                            "n_pool": pool_size(config), "n_test": config.n_lartpc_test,
                            "seeds": [SEED_POOL[domain], SEED_TEST[domain]]})
-    return normalised({"geometry": config.target_geometry, "particles": particles_of(domain, config),
+    return as_json({"geometry": config.target_geometry, "particles": particles_of(domain, config),
                        "energy_range": config.energy_range, "n_pool": pool_size(config), "n_test": config.n_test,
                        "seeds": [SEED_POOL[domain], SEED_TEST[domain]]})
 
 
 class Domains:
-    """The simulated pool and test set of each domain, simulated on first use only (a rerun
-    whose fine-tunes are all reused simulates nothing)."""
+    """The simulated pool and test set of each domain, each simulated on first use only (a rerun
+    whose fine-tunes are all reused simulates at most the regression test set, for the leak check)."""
 
     def __init__(self, config: Config):
-        self.config, self.cache = config, {}
+        self.config, self.pools, self.tests = config, {}, {}
 
-    def get(self, domain: str) -> tuple[EventList, EventList]:
-        if domain not in self.cache:
-            config, start = self.config, time.perf_counter()
-            n_test = config.n_lartpc_test if domain == "lartpc" else config.n_test
-            pool = simulate(domain, pool_size(config), SEED_POOL[domain], config)
-            test = simulate(domain, n_test, SEED_TEST[domain], config)
-            self.cache[domain] = (pool, test)
-            where = LARTPC_GEOMETRY if domain == "lartpc" else config.target_geometry
-            log(f"[data] {domain}: simulated a pool of {len(pool)} and a test set of {len(test)} events on "
-                f"{where} in {time.perf_counter() - start:.1f} s")
-        return self.cache[domain]
+    def _simulate(self, domain: str, what: str, n: int, seed: int) -> EventList:
+        start = time.perf_counter()
+        events = simulate(domain, n, seed, self.config)
+        where = LARTPC_GEOMETRY if domain == "lartpc" else self.config.target_geometry
+        log(f"[data] {domain}: simulated the {what} ({len(events)} events on {where}) in "
+            f"{time.perf_counter() - start:.1f} s")
+        return events
+
+    def pool(self, domain: str) -> EventList:
+        if domain not in self.pools:
+            self.pools[domain] = self._simulate(domain, "labelled pool", pool_size(self.config), SEED_POOL[domain])
+        return self.pools[domain]
+
+    def test(self, domain: str) -> EventList:
+        if domain not in self.tests:
+            n_test = self.config.n_lartpc_test if domain == "lartpc" else self.config.n_test
+            self.tests[domain] = self._simulate(domain, "test set", n_test, SEED_TEST[domain])
+        return self.tests[domain]
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -254,11 +248,11 @@ class Domains:
 
 def pretrain_settings(source: str, model: Any, config: Config) -> dict:
     if source == "showers":
-        return normalised({"source": source, "model": model, "geometry": config.source_geometries,
+        return as_json({"source": source, "model": model, "geometry": config.source_geometries,
                            "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source,
                            "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points,
                            "lr": config.pretrain_lr, "seed": SEED_SOURCE, "accelerator": config.accelerator})
-    return normalised({"source": source, "model": model, "geometry": LARTPC_GEOMETRY,
+    return as_json({"source": source, "model": model, "geometry": LARTPC_GEOMETRY,
                        "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain,
                        "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points,
                        "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN, "accelerator": config.accelerator})
@@ -356,7 +350,7 @@ def target_leak(module, dataset, task: str, device: str, targets: tuple[str, ...
 def run_settings(spec: TaskSpec, init: str, model: Any, n: int, seed: int, config: Config,
                  pretrain_record: Optional[dict]) -> dict:
     lartpc = spec.domain == "lartpc"
-    return normalised({
+    return as_json({
         "task": spec.finetune_task, "init": init, "model": model,
         "pretraining": None if pretrain_record is None else pretrain_settings(init, model, config),
         "n_labels": n, "seed": seed, "mode": arm_mode(init, config),
@@ -382,12 +376,12 @@ def run_finetune(spec: TaskSpec, init: str, model: Any, n: int, seed: int, confi
         if stored.get("settings") == settings:
             record = stored["result"]
             if spec.finetune_task == "regression":  # the check belongs to this code, not the run's
-                record = {**record, "label_leak": recheck_leak(spec, folder, domains, device_for(config))}
+                record = {**record, "label_leak": recheck_leak(spec, folder, domains, device_for(config.accelerator))}
             return {**record, "reused": True}
     if folder.exists():
         shutil.rmtree(folder)
-    pool, test = domains.get(spec.domain)
-    device = device_for(config)
+    pool, test = domains.pool(spec.domain), domains.test(spec.domain)
+    device = device_for(config.accelerator)
     targets = ("incident_energy",)
     start = time.perf_counter()
     result = finetune(spec.finetune_task, data=pool, checkpoint=None if pretrain_record is None
@@ -416,7 +410,7 @@ def recheck_leak(spec: TaskSpec, folder: Path, domains: Domains, device: str) ->
     if not checkpoint.is_file():
         return None
     module = FinetuneModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    return target_leak(module, domains.get(spec.domain)[1], spec.finetune_task, device, tuple(module.hparams.targets))
+    return target_leak(module, domains.test(spec.domain), spec.finetune_task, device, tuple(module.hparams.targets))
 
 
 def leaked(run: dict) -> bool:
@@ -568,9 +562,7 @@ def make_plot(aggregates: list[dict], config: Config, path: Path) -> Optional[st
         ax.legend(fontsize=7)
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
     return None
 
 
@@ -627,19 +619,15 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
     if leaks:
         worst = max(r["label_leak"]["change"] for r in runs if leaked(r))
         lines += [f"Label leak: the regression model's outputs change (up to {worst:.3g} standardised units) when "
-                  "only the event's true incident energy / angle fields change: pcfm.finetune hands the backbone "
-                  "the event conditioning (incident energy, angles) that regression is asked to predict. Rows "
-                  f"{leaks} measure nothing until that is fixed.", ""]
+                  "only the event's true target fields change: the backbone reads what regression is asked to "
+                  "predict (pcfm.finetune hides the targets from the event conditioning with hide_condition; "
+                  f"that has broken, or another path leaks). Rows {leaks} measure nothing until that is fixed.", ""]
     lines.append(f"![transfer]({Path(plot).name})" if plot else f"Plot skipped: {summary.get('plot_skipped')}.")
     return "\n".join(lines) + "\n"
 
 
 def decision(met: Optional[bool]) -> str:
     return {True: "met", False: "not met", None: "undecided (tasks not measured)"}[met]
-
-
-def fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -715,7 +703,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     name = "transfer" if args.config == "cpu" else f"transfer_{args.config}"
     out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
     workdir = Path(args.workdir or f"pcfm_runs/transfer_{args.config}")
-    settings = normalised(dataclasses.asdict(config))
+    settings = as_json(dataclasses.asdict(config))
     log(f"config {args.config}: {json.dumps(settings)}")
 
     pretrainings, records = [], {}
@@ -738,8 +726,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         key = (spec.finetune_task, init, model_label(model), n, seed)
         if key not in done:
             record = None if init == "scratch" else records[(init, model_label(model))]
-            done[key] = run_finetune(spec, init, model, n, seed, config, workdir, domains, record)
-            result = done[key]
+            result = done[key] = run_finetune(spec, init, model, n, seed, config, workdir, domains, record)
             if not result["reused"]:
                 fresh_seconds.append(result["train_seconds"] + result["eval_seconds"])
             left = len(unique) - len(done)

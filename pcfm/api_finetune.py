@@ -426,7 +426,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         module.load_state_dict(stored["state_dict"])
         steps = int(stored["global_step"])
     else:
-        fit(trainer, module, datamodule, resume=resume)
+        fit(trainer, module, datamodule, resume=resume, checkpoint=stored)
         steps = int(trainer.global_step)
     resumed_from = None if stored is None else int(stored["global_step"])
     del stored

@@ -1,16 +1,13 @@
 """benchmarks/generation.py at its micro size: every part runs, the JSON holds finite metrics for
 each, and the markdown and plots are written."""
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports _common
-_spec = importlib.util.spec_from_file_location("benchmark_generation", BENCHMARKS / "generation.py")
-bench = sys.modules["benchmark_generation"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from tests.benchmark_loader import load_benchmark
+
+bench = load_benchmark("generation")
 
 
 def finite(*values):

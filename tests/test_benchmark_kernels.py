@@ -4,21 +4,17 @@ reference, GPU-only rows are skipped with their reason, and the JSON and markdow
 The GPU rows run here through Triton's interpreter and torch.compile's "eager" backend, with
 fewer heads and channels than the real benchmark so that the interpreter stays fast.
 """
-import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its siblings (_common, cluster_ops)
-_spec = importlib.util.spec_from_file_location("benchmark_kernels", BENCHMARKS / "kernels.py")
-bench = sys.modules["benchmark_kernels"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-import cluster_ops  # noqa: E402
+from tests.benchmark_loader import load_benchmark
+
+bench = load_benchmark("kernels")
+import cluster_ops  # noqa: E402  benchmarks/ is on sys.path now
 
 CPU = torch.device("cpu")
 

@@ -1,21 +1,16 @@
 """benchmarks/pretrain_throughput.py at tiny sizes on CPU: the padded baseline computes the same
 attention as pcfm's ragged one, both variants train, and the JSON, markdown and verdicts are written."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from pcfm.nn import GlobalAttention
 from pcfm.ops.attention import varlen_attention_reference
+from tests.benchmark_loader import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports _common
-_spec = importlib.util.spec_from_file_location("benchmark_pretrain_throughput", BENCHMARKS / "pretrain_throughput.py")
-bench = sys.modules["benchmark_pretrain_throughput"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("pretrain_throughput")
 
 CPU = torch.device("cpu")
 

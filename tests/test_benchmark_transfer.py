@@ -11,11 +11,9 @@ import numpy as np
 import torch
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports _common
-_spec = importlib.util.spec_from_file_location("benchmark_transfer", BENCHMARKS / "transfer.py")
-bench = sys.modules["benchmark_transfer"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from tests.benchmark_loader import load_benchmark
+
+bench = load_benchmark("transfer")
 
 
 def finite(*values):

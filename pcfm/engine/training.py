@@ -152,16 +152,18 @@ def make_trainer(workdir: str | os.PathLike, *, max_steps: int, accelerator: str
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, *,
-        resume: bool = True) -> Optional[Path]:
+        resume: bool = True, checkpoint: Optional[dict[str, Any]] = None) -> Optional[Path]:
     """``trainer.fit``, resumed from the run's ``last.ckpt`` when ``resume`` and it exists.
 
     The checkpoint is checked first, so a corrupt one, or one of another model, gives a
-    :class:`~pcfm.tasks.pretrain.CheckpointError` naming it. Returns the checkpoint resumed from.
+    :class:`~pcfm.tasks.pretrain.CheckpointError` naming it; ``checkpoint`` is its content when
+    the caller has read it already (it is then not read again for the check). Returns the
+    checkpoint resumed from.
     """
     last = checkpoint_path(trainer.default_root_dir)
     resumed = last if resume and last.is_file() else None
     if resumed is not None:
-        check_same_run(read_checkpoint(resumed), module, resumed)
+        check_same_run(checkpoint if checkpoint is not None else read_checkpoint(resumed), module, resumed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resumed)
     return resumed
 

@@ -16,5 +16,6 @@ from pcfm.nn.tokenizer import PointNetTokenizer, Tokens
 __all__ = [
     "Backbone", "BackboneConfig", "BackboneOutput", "BACKBONE_PRESETS", "count_parameters",
     "preset_parameter_counts", "AdaptiveLayerNorm", "GlobalAttention", "LocalAttention", "TransformerGNNBlock",
-    "CONDITION_FIELDS", "ConditionEncoder", "FourierFeatures", "FourierMLP", "condition_features", "hide_condition", "PointNetTokenizer", "Tokens",
+    "CONDITION_FIELDS", "ConditionEncoder", "FourierFeatures", "FourierMLP", "condition_features", "hide_condition",
+    "PointNetTokenizer", "Tokens",
 ]

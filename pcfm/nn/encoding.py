@@ -82,7 +82,7 @@ def normalise_point_features(x: Tensor) -> Tensor:
     return torch.cat([x[:, :1], torch.log1p(x[:, 1:].clamp(min=0))], dim=1)
 
 
-def _event_field(data, name: str, num_events: int, device: torch.device) -> Optional[Tensor]:
+def _event_field(data, name: str, num_events: int, device: Optional[torch.device]) -> Optional[Tensor]:
     """``data.<name>`` as a float tensor (num_events,), or None when the batch lacks it."""
     value = getattr(data, name, None)
     if value is None:
@@ -134,12 +134,9 @@ def hide_condition(data, fields: Sequence[str] = CONDITION_FIELDS, events: Optio
     hidden = copy.copy(data)
     num_events = int(getattr(data, "num_graphs", 1) or 1)
     for name in fields:
-        value = getattr(data, name, None)
+        value = _event_field(data, name, num_events, None)
         if value is None:
             continue
-        value = torch.as_tensor(value).reshape(-1).float()
-        if value.numel() != num_events:
-            raise ValueError(f"data.{name} has {value.numel()} values for {num_events} events")
         nan = torch.full_like(value, math.nan)
         hidden[name] = nan if events is None else torch.where(events.to(value.device), nan, value)
     return hidden
