@@ -8,31 +8,36 @@ Three parts, selectable with ``--parts``:
   the points on the ds2 cells, and compare with :func:`pcfm.evaluate.evaluate`: low- and
   high-level classifier AUC, separation power (mean and max over features), FPD and KPD. A
   second independent simulator sample against the same reference is the "ideal" row (AUC about
-  0.5; its FPD is the floor that finite samples give).
+  0.5; its FPD is the floor that finite samples give). One generated row per sampler of
+  ``--samplers``; showers get :func:`pcfm.generate.generate`'s energy calibration unless the
+  sampler is marked ``:raw`` (the default set has one raw row to show what it changes).
 * adaptation: the quality model (ds2) adapted to an unseen geometry (``--target-geometry``,
   default ``par04-scipb``) with n in ``--adapt-n`` target showers: (a) ``pcfm.pretrain(...,
   init_from=<ds2 checkpoint>)`` for k steps, (b) the same backbone from scratch, the same n
   showers, the same k steps, learning rate and schedule. Both are judged against an independent
   target reference set: FPD (primary), AUC, separation power; the ratio FPD_pretrained /
   FPD_scratch (means over ``--adapt-seeds``) is reported against the target ratio <= 0.7.
-* speed: showers per second at batch sizes ``--batch-sizes`` (1, 100, 10000) for the
-  deterministic Heun sampler at each of ``--speed-steps`` (generate's default 20 and a
-  fewer-step setting), on the CPU and, when there is one, the GPU (also under bf16 autocast).
+* speed: showers per second at batch sizes ``--batch-sizes`` (1, 100, 10000) for each sampler
+  of ``--speed-samplers`` (generate's default, Heun 20 steps, and DPM-Solver++(2M) at 20 and 8),
+  on the CPU and, when there is one, the GPU (also under bf16 autocast).
   Time is :func:`pcfm.generate.generate`'s wall time (sampling, deposition, conversion; not the
   checkpoint load) after a warm-up call; the deposition share is measured apart by depositing
   the generated points again. A batch that would run longer than ``--speed-cap-s`` (projected
   from the previous batch size) is measured at the largest batch that fits, and the row says so;
   a batch that runs out of GPU memory is halved until it fits, and the row says so. No
-  distilled sampler exists yet: every row is the Heun sampler.
+  distilled sampler exists yet: every row is a deterministic ODE solver on the trained model.
+
+A sampler is given as ``NAME:STEPS`` (``heun:20``, ``dpmpp2m:8``; a bare number means Heun);
+rows report its network calls (Heun ``2 steps - 1``, DPM-Solver++(2M) ``steps``).
 
 Targets (issue 6, on an H100): low-level AUC < 0.70 on ds2; at most 2 ms per shower at batch
 100; adaptation with 100 showers: FPD ratio <= 0.7. CPU configurations test the script and give
 CPU numbers; they are not where the targets are meant to be met.
 
     python benchmarks/generation.py [--config cpu|gpu|micro] [--parts quality adaptation speed]
-        [--model M] [--steps N] [--n-train N] [--n-reference N] [--sampler-steps S ...]
+        [--model M] [--steps N] [--n-train N] [--n-reference N] [--samplers heun:20 dpmpp2m:8 ...]
         [--adapt-n N ...] [--adapt-steps K] [--adapt-seeds S ...] [--target-geometry G]
-        [--speed-steps S ...] [--batch-sizes B ...] [--speed-cap-s T] [--threads T]
+        [--speed-samplers heun:20 ...] [--batch-sizes B ...] [--speed-cap-s T] [--threads T]
         [--workdir DIR] [--out FILE.json]
 
 Output: the JSON (default benchmarks/results/generation.json for ``--config cpu``,
@@ -72,6 +77,7 @@ from pcfm.evaluate import evaluate
 from pcfm.generate import generate
 from pcfm.nn import count_parameters
 from pcfm.sim import simulate_showers
+from pcfm.tasks.diffusion import SAMPLERS, network_calls
 from pcfm.tasks.pretrain import PretrainModule
 
 SOURCE_GEOMETRY = "calochallenge-ds2"
@@ -101,7 +107,8 @@ class Config:
     n_train: int = 5000
     energy_range: tuple = (1e3, 1e6)
     n_reference: int = 400
-    sampler_steps: list = field(default_factory=lambda: [20, 8])
+    samplers: list = field(default_factory=lambda: ["heun:20:raw", "heun:20", "dpmpp2m:20", "dpmpp2m:12",
+                                                    "dpmpp2m:8"])
     gen_batch_size: int = 100
     classifier: bool = True
     energy_transform: Any = None
@@ -111,8 +118,8 @@ class Config:
     adapt_batch_points: int = 20_000
     adapt_seeds: list = field(default_factory=lambda: [0])
     n_target_reference: int = 200
-    adapt_sampler_steps: int = 10
-    speed_steps: list = field(default_factory=lambda: [20, 8])
+    adapt_sampler: str = "heun:10"
+    speed_samplers: list = field(default_factory=lambda: ["heun:20", "dpmpp2m:20", "dpmpp2m:8"])
     batch_sizes: list = field(default_factory=lambda: [1, 100, 10_000])
     batch1_showers: int = 3
     speed_repeats: int = 3
@@ -124,24 +131,72 @@ class Config:
 
 
 CONFIGS: dict[str, dict] = {
-    # One thread on a 2-core AMD EPYC shared with other jobs (load 1-1.7), torch-cluster installed:
-    # training 1500 steps 491 s (0.33 s/step), generation 0.58 s/shower (Heun 20) and 0.19 s
-    # (Heun 8), adaptation at n = 100 148 s for both arms; projected total about 24 minutes.
+    # One thread on a 2-core AMD EPYC shared with another benchmark (load 1.7-2), torch-cluster
+    # installed: training 1500 steps 609 s, the five quality rows 668 s, adaptation 414 s, speed
+    # 433 s: 35 minutes in all (2026-11-29).
     "cpu": {},
     # H100: the sizes the targets are meant for; accelerator / device "auto". Not run yet. The
     # training steps fit train_budget_s (from a 30-step calibration, at most `steps`); meant to
     # fit one GPU session of about 15 minutes, each part under 10 (run --parts one at a time).
     "gpu": dict(model="small", steps=20_000, train_budget_s=240.0, batch_points=100_000, lr=5e-4, n_train=20_000,
-                n_reference=5000, sampler_steps=[20, 8], gen_batch_size=1000, adapt_steps=500,
-                adapt_batch_points=50_000, adapt_seeds=[0], n_target_reference=2000, adapt_sampler_steps=20,
+                n_reference=5000, gen_batch_size=1000, adapt_steps=500, adapt_batch_points=50_000, adapt_seeds=[0],
+                n_target_reference=2000, adapt_sampler="heun:20",
+                speed_samplers=["heun:20", "dpmpp2m:20", "dpmpp2m:12", "dpmpp2m:8"],
                 batch1_showers=20, speed_cap_s=60.0, speed_devices=["cuda", "cpu"], bf16=True, accelerator="auto",
                 threads=None),
     # the smoke test: seconds, every code path, meaningless numbers.
     "micro": dict(model={"preset": "tiny", "depth": 1, "num_tokens": 16}, steps=3, batch_points=3000, n_train=24,
-                  energy_range=(1e3, 5e3), n_reference=16, sampler_steps=[2], gen_batch_size=8, adapt_n=[6, 12],
-                  adapt_steps=2, adapt_batch_points=3000, n_target_reference=16, adapt_sampler_steps=2,
-                  speed_steps=[2, 1], batch_sizes=[1, 4, 8], batch1_showers=2, speed_repeats=1, speed_cap_s=30.0),
+                  energy_range=(1e3, 5e3), n_reference=16, samplers=["heun:2:raw", "dpmpp2m:2"], gen_batch_size=8,
+                  adapt_n=[6, 12], adapt_steps=2, adapt_batch_points=3000, n_target_reference=16,
+                  adapt_sampler="dpmpp2m:2", speed_samplers=["heun:2", "dpmpp2m:1"], batch_sizes=[1, 4, 8],
+                  batch1_showers=2, speed_repeats=1, speed_cap_s=30.0),
 }
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler setting of :func:`pcfm.generate.generate`: ``NAME:STEPS`` on the command line,
+    ``NAME:STEPS:raw`` without the energy calibration (``calibrate_energy=False``)."""
+
+    name: str
+    steps: int
+    calibrated: bool = True
+
+    @classmethod
+    def parse(cls, spec) -> "Sampler":
+        parts = str(spec).split(":")
+        raw = len(parts) == 3 and parts[2] == "raw"
+        if raw:
+            parts = parts[:2]
+        name, steps = (["heun"] + parts)[-2:] if len(parts) <= 2 else (None, "")
+        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"a sampler is NAME:STEPS[:raw] with NAME in {SAMPLERS} and STEPS >= 1, got {spec!r}")
+        return cls(name, int(steps), not raw)
+
+    @property
+    def label(self) -> str:
+        return f"{SAMPLER_NAMES[self.name]} {self.steps} steps" + ("" if self.calibrated else ", raw energies")
+
+    @property
+    def slug(self) -> str:
+        return f"{self.name}{self.steps}" + ("" if self.calibrated else "_raw")
+
+    def options(self) -> dict:
+        """:func:`pcfm.generate.generate` keywords (calibration where the model has it, or none)."""
+        return {"steps": self.steps, "sampler": self.name, "calibrate_energy": None if self.calibrated else False}
+
+    def fields(self) -> dict:
+        """What a result row records of the sampler."""
+        return {"sampler": self.name, "sampler_steps": self.steps,
+                "network_calls": network_calls(self.name, self.steps)}
+
+
+def row_sampler(row: dict) -> Sampler:
+    """The sampler a result row was generated with."""
+    return Sampler(row["sampler"], row["sampler_steps"], row.get("energy_calibrated", True))
+
+
+SAMPLER_NAMES = {"heun": "Heun", "stochastic": "stochastic EDM", "dpmpp2m": "DPM-Solver++(2M)"}
 
 
 def knn_backend() -> str:
@@ -266,17 +321,19 @@ def run_quality(config: Config, checkpoint: Path, train_summary: dict, workdir: 
     reference = showers(SOURCE_GEOMETRY, config.n_reference, SEED_REFERENCE, config)
     ideal = showers(SOURCE_GEOMETRY, config.n_reference, SEED_IDEAL, config)
     rows = []
-    for steps in config.sampler_steps:
-        log(f"[quality] generating {config.n_reference} showers, Heun {steps} steps, on {device}")
+    for sampler in map(Sampler.parse, config.samplers):
+        log(f"[quality] generating {config.n_reference} showers, {sampler.label}, on {device}")
         generated = generate(checkpoint, SOURCE_GEOMETRY, reference.incident_energies, theta=reference.theta,
-                             steps=steps, batch_size=config.gen_batch_size, device=device, seed=0, progress=True)
+                             **sampler.options(), batch_size=config.gen_batch_size, device=device, seed=0,
+                             progress=True)
         deposited = generated.showers.showers.sum(1)
         outside = generated.energy_outside / np.maximum(deposited + generated.energy_outside, 1e-9)
         log(f"[quality] generated in {generated.seconds:.1f} s; evaluating")
         result = evaluate(generated.showers, reference, SOURCE_GEOMETRY, classifier=config.classifier,
-                          plots_dir=plots / f"quality_heun{steps}",
-                          report_path=workdir / "quality" / f"evaluation_heun{steps}.json")
-        rows.append({"part": "quality", "sample": f"generated, Heun {steps} steps", "sampler_steps": steps,
+                          plots_dir=plots / f"quality_{sampler.slug}",
+                          report_path=workdir / "quality" / f"evaluation_{sampler.slug}.json")
+        rows.append({"part": "quality", "sample": f"generated, {sampler.label}", **sampler.fields(),
+                     "energy_calibrated": generated.energy_calibrated,
                      "generate_seconds": round(generated.seconds, 2),
                      "energy_outside_fraction": float(np.mean(outside)), **train_summary, **eval_metrics(result),
                      "plots": result["plots"]})
@@ -303,6 +360,7 @@ def summary_line(row: dict) -> str:
 
 def run_adaptation(config: Config, checkpoint: Path, workdir: Path) -> list[dict]:
     target, device = config.target_geometry, device_for(config.accelerator)
+    adapt_sampler = Sampler.parse(config.adapt_sampler)
     source_backbone = PretrainModule.load_from_checkpoint(checkpoint).hparams["backbone"]
     log(f"[adaptation] simulating the {target} reference ({config.n_target_reference}, seed "
         f"{SEED_TARGET_REFERENCE}) and ideal samples")
@@ -324,11 +382,12 @@ def run_adaptation(config: Config, checkpoint: Path, workdir: Path) -> list[dict
                                          max_steps=config.adapt_steps, batch_points=config.adapt_batch_points,
                                          seed=seed, model=None if init else source_backbone, init_from=init)
                 generated = generate(trained.module, target, reference.incident_energies, theta=reference.theta,
-                                     steps=config.adapt_sampler_steps, batch_size=config.gen_batch_size,
-                                     device=device, seed=seed)
+                                     **adapt_sampler.options(), batch_size=config.gen_batch_size, device=device,
+                                     seed=seed)
                 result = evaluate(generated.showers, reference, target, classifier=config.classifier,
                                   seed=seed, report_path=folder / f"evaluation_{arm}_n{n}_seed{seed}.json")
                 rows.append({"part": "adaptation", "arm": arm, "n": n, "seed": seed, **summary,
+                             "energy_calibrated": generated.energy_calibrated,
                              "generate_seconds": round(generated.seconds, 2), **eval_metrics(result)})
                 log(f"[adaptation] seed {seed}, n {n}, {arm}: " + summary_line(rows[-1]))
     for n in config.adapt_n:
@@ -356,13 +415,13 @@ def nice_floor(value: float) -> int:
     return int(value // scale * scale)
 
 
-def timed_generate(module, energies: np.ndarray, *, steps: int, batch_size: int, device: str,
+def timed_generate(module, energies: np.ndarray, *, sampler: Sampler, batch_size: int, device: str,
                    bf16: bool) -> tuple[float, float, float]:
     """Seconds of one generate call, seconds of depositing its points again, mean points per shower."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
-        result = generate(module, SOURCE_GEOMETRY, energies, steps=steps, batch_size=batch_size, device=device,
-                          seed=0, progress=False)
+        result = generate(module, SOURCE_GEOMETRY, energies, **sampler.options(), batch_size=batch_size,
+                          device=device, seed=0, progress=False)
     positions = np.concatenate([d.pos.numpy() for d in result.points])
     energy = np.concatenate([d.energy.numpy() for d in result.points])
     batch = np.repeat(np.arange(len(result.points)), [d.num_nodes for d in result.points])
@@ -372,21 +431,70 @@ def timed_generate(module, energies: np.ndarray, *, steps: int, batch_size: int,
     return result.seconds, deposit, float(np.mean([d.num_nodes for d in result.points]))
 
 
-def speed_row(module, energies, *, device: str, precision: str, steps: int, requested: int, batch: int,
-              n_showers: int, note: str, repeats: int) -> dict:
+def speed_row(module, energies, *, setting: dict, sampler: Sampler, batch: int, n_showers: int, note: str,
+              repeats: int) -> dict:
     """Time ``n_showers`` in batches of ``batch`` (best of up to ``repeats`` short runs)."""
     runs = []
     while len(runs) < repeats:
-        runs.append(timed_generate(module, energies[:n_showers], steps=steps, batch_size=batch, device=device,
-                                   bf16=precision == "bf16"))
+        runs.append(timed_generate(module, energies[:n_showers], sampler=sampler, batch_size=batch,
+                                   device=setting["device"], bf16=setting["precision"] == "bf16"))
         if runs[-1][0] > REPEAT_BELOW_S:
             break
     seconds, deposit, points = min(runs)
-    return {"part": "speed", "device": device, "precision": precision, "sampler": "heun", "sampler_steps": steps,
-            "network_calls": 2 * steps - 1, "batch_requested": requested, "batch": batch, "n_showers": n_showers,
+    return {**setting, "batch": batch, "n_showers": n_showers,
             "repeats": len(runs), "seconds": round(seconds, 4), "showers_per_s": n_showers / seconds,
             "ms_per_shower": 1000 * seconds / n_showers, "deposit_ms_per_shower": 1000 * deposit / n_showers,
             "sampling_ms_per_shower": 1000 * (seconds - deposit) / n_showers, "mean_points": points, "note": note}
+
+
+def measure_batch(module, energies, config: Config, setting: dict, sampler: Sampler, batch: int, note: str) -> dict:
+    """One speed row at ``batch`` (halved on GPU out-of-memory, and said so)."""
+    requested = setting["batch_requested"]
+    while True:
+        try:
+            return speed_row(module, energies, setting=setting, sampler=sampler, batch=batch,
+                             n_showers=config.batch1_showers if batch == 1 else batch, note=note,
+                             repeats=config.speed_repeats)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if batch == 1:
+                return {**setting, "batch": None, "note": "not measured: out of GPU memory at batch 1"}
+            batch //= 2
+            note = f"batch {requested}: out of GPU memory at larger batches; measured at batch {batch}"
+
+
+def time_sampler(module, energies, config: Config, device: str, precision: str, sampler: Sampler) -> list[dict]:
+    """Speed rows of one sampler at every batch size; a batch projected past the cap runs smaller."""
+    label = f"[speed] {device} {precision} {sampler.label}"
+    base = {"part": "speed", "device": device, "precision": precision, **sampler.fields(),
+            "energy_calibrated": sampler.calibrated}
+    try:  # warm-up: allocations, kernels
+        timed_generate(module, energies[:2], sampler=sampler, batch_size=2, device=device, bf16=precision == "bf16")
+    except Exception as exc:  # noqa: BLE001 - a failing setting is a result, not a crash
+        log(f"{label}: failed ({exc})")
+        return [{**base, "note": f"failed: {type(exc).__name__}: {exc}"}]
+    rows, per_shower = [], None
+    for requested in sorted(config.batch_sizes):
+        setting, batch, note = {**base, "batch_requested": requested}, requested, ""
+        if per_shower is not None and per_shower * requested > config.speed_cap_s:
+            projected = per_shower * requested
+            batch = nice_floor(config.speed_cap_s / per_shower)
+            if batch <= max((r.get("batch") or 0 for r in rows), default=0):
+                rows.append({**setting, "batch": None,
+                             "note": f"not measured: batch {requested} would take about {projected:.3g} s > cap "
+                                     f"{config.speed_cap_s:g} s, and no batch between the previous one and "
+                                     f"{requested} fits"})
+                log(f"{label}: batch {requested}: {rows[-1]['note']}")
+                continue
+            note = (f"batch {requested} would take about {projected:.3g} s > cap {config.speed_cap_s:g} s: "
+                    f"measured at batch {batch} instead")
+        rows.append(measure_batch(module, energies, config, setting, sampler, batch, note))
+        row = rows[-1]
+        if row.get("seconds"):
+            per_shower = row["seconds"] / row["n_showers"]
+            log(f"{label}: batch {row['batch']}: {row['showers_per_s']:.1f} showers/s, {row['ms_per_shower']:.2f} "
+                f"ms/shower (deposition {row['deposit_ms_per_shower']:.2f} ms)" + (f" [{note}]" if note else ""))
+    return rows
 
 
 def run_speed(config: Config, checkpoint: Path) -> list[dict]:
@@ -403,57 +511,8 @@ def run_speed(config: Config, checkpoint: Path) -> list[dict]:
         precisions = ["fp32"] + (["bf16"] if config.bf16 and device == "cuda" and torch.cuda.is_bf16_supported()
                                  else [])
         for precision in precisions:
-            for steps in config.speed_steps:
-                label = f"[speed] {device} {precision} Heun {steps} steps"
-                try:
-                    timed_generate(module, energies[:2], steps=steps, batch_size=2, device=device,
-                                   bf16=precision == "bf16")  # warm-up: allocations, kernels
-                except Exception as exc:  # noqa: BLE001 - a failing setting is a result, not a crash
-                    rows.append({"part": "speed", "device": device, "precision": precision, "sampler_steps": steps,
-                                 "note": f"failed: {type(exc).__name__}: {exc}"})
-                    log(f"{label}: failed ({exc})")
-                    continue
-                per_shower = None
-                for requested in sorted(config.batch_sizes):
-                    batch, note = requested, ""
-                    if per_shower is not None and per_shower * requested > config.speed_cap_s:
-                        batch = nice_floor(config.speed_cap_s / per_shower)
-                        projected = per_shower * requested
-                        measured = [r.get("batch") or 0 for r in rows if r.get("device") == device
-                                    and r.get("precision") == precision and r.get("sampler_steps") == steps]
-                        if batch <= max(measured, default=0):
-                            rows.append({"part": "speed", "device": device, "precision": precision,
-                                         "sampler": "heun", "sampler_steps": steps, "network_calls": 2 * steps - 1,
-                                         "batch_requested": requested, "batch": None,
-                                         "note": f"not measured: batch {requested} would take about {projected:.3g} s "
-                                                 f"> cap {config.speed_cap_s:g} s, and no batch between the "
-                                                 f"previous one and {requested} fits"})
-                            log(f"{label}: batch {requested}: {rows[-1]['note']}")
-                            continue
-                        note = (f"batch {requested} would take about {projected:.3g} s > cap "
-                                f"{config.speed_cap_s:g} s: measured at batch {batch} instead")
-                    while True:
-                        n_showers = config.batch1_showers if batch == 1 else batch
-                        try:
-                            row = speed_row(module, energies, device=device, precision=precision, steps=steps,
-                                            requested=requested, batch=batch, n_showers=n_showers, note=note,
-                                            repeats=config.speed_repeats)
-                            break
-                        except torch.cuda.OutOfMemoryError:
-                            torch.cuda.empty_cache()
-                            if batch == 1:
-                                row = {"part": "speed", "device": device, "precision": precision,
-                                       "sampler_steps": steps, "batch_requested": requested, "batch": None,
-                                       "note": "not measured: out of GPU memory at batch 1"}
-                                break
-                            batch //= 2
-                            note = f"batch {requested}: out of GPU memory at larger batches; measured at batch {batch}"
-                    rows.append(row)
-                    if row.get("seconds"):
-                        per_shower = row["seconds"] / row["n_showers"]
-                        log(f"{label}: batch {row['batch']}: {row['showers_per_s']:.1f} showers/s, "
-                            f"{row['ms_per_shower']:.2f} ms/shower (deposition {row['deposit_ms_per_shower']:.2f} ms)"
-                            + (f" [{note}]" if note else ""))
+            for sampler in map(Sampler.parse, config.speed_samplers):
+                rows += time_sampler(module, energies, config, device, precision, sampler)
         del module
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -494,10 +553,10 @@ def make_plots(rows: list[dict], plots: Path) -> tuple[list[str], Optional[str]]
     if speed:
         fig = Figure(figsize=(5.5, 4))
         axes = fig.subplots()
-        for key in sorted({(r["device"], r["precision"], r["sampler_steps"]) for r in speed}):
-            points = sorted((r["batch"], r["showers_per_s"]) for r in speed
-                            if (r["device"], r["precision"], r["sampler_steps"]) == key)
-            axes.plot(*zip(*points), "o-", label=f"{key[0]} {key[1]}, Heun {key[2]} steps")
+        for key in sorted({(r["device"], r["precision"], row_sampler(r).slug) for r in speed}):
+            same = [r for r in speed if (r["device"], r["precision"], row_sampler(r).slug) == key]
+            points = sorted((r["batch"], r["showers_per_s"]) for r in same)
+            axes.plot(*zip(*points), "o-", label=f"{key[0]} {key[1]}, {row_sampler(same[0]).label}")
         axes.set_xscale("log")
         axes.set_yscale("log")
         axes.set_xlabel("batch size (showers)")
@@ -518,11 +577,20 @@ ADAPT_COLUMNS = [("arm", "arm", ""), ("n", "n", "d"), ("seed", "seed", "d"), ("F
 RATIO_COLUMNS = [("n", "n", "d"), ("FPD pretrained", "fpd_pretrained_mean", ".4g"),
                  ("FPD scratch", "fpd_scratch_mean", ".4g"), ("ratio", "fpd_ratio", ".3f"),
                  ("<= 0.7", "meets_target", "")]
-SPEED_COLUMNS = [("device", "device", ""), ("precision", "precision", ""), ("Heun steps", "sampler_steps", "d"),
+SPEED_COLUMNS = [("device", "device", ""), ("precision", "precision", ""), ("sampler", "sampler", ""),
+                 ("steps", "sampler_steps", "d"),
                  ("network calls", "network_calls", "d"), ("batch asked", "batch_requested", "d"),
                  ("batch run", "batch", "d"), ("showers/s", "showers_per_s", ".3g"),
                  ("ms/shower", "ms_per_shower", ".3g"),
                  ("of which deposition ms", "deposit_ms_per_shower", ".3g"), ("points/shower", "mean_points", ".0f")]
+
+
+def speed_setting(row: dict) -> str:
+    """``Heun 20 steps, batch 100`` of a speed row, as far as the row says."""
+    parts = [row_sampler(row).label] if row.get("sampler") else []
+    if row.get("batch_requested"):
+        parts.append(f"batch {row['batch_requested']}")
+    return ", ".join(parts)
 
 
 def report(rows: list[dict], config_name: str, config: Config, command: str, machine: dict, folder: Path) -> str:
@@ -554,7 +622,7 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
         lines += [f"### Geometry adaptation {SOURCE_GEOMETRY} -> {config.target_geometry}", "",
                   f"Both arms: the same n showers, {config.adapt_steps} steps, lr {config.lr:g}, batches of "
                   f"{config.adapt_batch_points} points; judged on {config.n_target_reference} reference showers, "
-                  f"Heun {config.adapt_sampler_steps} steps. FPD is biased upwards at small samples "
+                  f"{Sampler.parse(config.adapt_sampler).label}. FPD is biased upwards at small samples "
                   f"(the ideal row shows the floor).", "",
                   markdown_table([r for r in adaptation if r.get("fpd") is not None], ADAPT_COLUMNS), "",
                   markdown_table([r for r in adaptation if r.get("arm", "").startswith("ratio")], RATIO_COLUMNS), ""]
@@ -565,10 +633,10 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
                   f"warm-up; the deposition share measured apart. Best of up to {config.speed_repeats} runs when "
                   f"a run is shorter than {REPEAT_BELOW_S:g} s. "
                   f"Target: <= {TARGET_MS_PER_SHOWER} ms/shower at batch 100 on an H100. No distilled sampler "
-                  "exists: all rows are the deterministic Heun sampler.", "",
+                  "exists: every row is a deterministic ODE solver on the trained model.", "",
                   markdown_table([r for r in speed if r.get("batch")], SPEED_COLUMNS), ""]
-        lines += [f"- {r['device']} {r.get('precision', '')} Heun {r.get('sampler_steps')} steps, batch "
-                  f"{r.get('batch_requested')}: {r['note']}" for r in speed if r.get("note")]
+        lines += [f"- {r['device']} {r.get('precision', '')} {speed_setting(r)}: {r['note']}"
+                  for r in speed if r.get("note")]
         lines.append("")
     plots = summary.get("plots") or []
     lines += [f"![{Path(p).stem}]({os.path.relpath(p, folder)})" for p in plots]
@@ -587,15 +655,16 @@ def targets(rows: list[dict]) -> dict:
                and r.get("auc_low_level") is not None]
     if quality:
         best = min(quality, key=lambda r: r["auc_low_level"])
-        out[f"low-level AUC < {TARGET_AUC}"] = (f"{best['auc_low_level']:.3f} (Heun {best['sampler_steps']} steps): "
+        out[f"low-level AUC < {TARGET_AUC}"] = (f"{best['auc_low_level']:.3f} ({row_sampler(best).label}): "
                                                 f"{'met' if best['auc_low_level'] < TARGET_AUC else 'not met'}")
     batch100 = [r for r in rows if r.get("part") == "speed" and r.get("batch") == 100 and r.get("ms_per_shower")]
     for row in batch100:
         verdict = "met" if row["ms_per_shower"] <= TARGET_MS_PER_SHOWER else "not met"
         if row["device"] != "cuda":
             verdict += " (CPU; the target is for an H100)"
-        out[f"<= {TARGET_MS_PER_SHOWER} ms/shower at batch 100, {row['device']} {row['precision']} Heun "
-            f"{row['sampler_steps']} steps"] = f"{row['ms_per_shower']:.3g} ms: {verdict}"
+        sampler = row_sampler(row)
+        out[f"<= {TARGET_MS_PER_SHOWER} ms/shower at batch 100, {row['device']} {row['precision']} "
+            f"{sampler.label} ({row['network_calls']} network calls)"] = f"{row['ms_per_shower']:.3g} ms: {verdict}"
     floor = [r["fpd"] for r in rows if r.get("part") == "adaptation" and str(r.get("arm")).startswith("ideal")
              and r.get("fpd")]
     for row in rows:
@@ -621,14 +690,14 @@ OPTION_HELP = {
     "lr": "peak learning rate (every run)", "n_train": "ds2 training showers",
     "energy_range": "incident energies, MeV, log-uniform LO HI",
     "n_reference": "reference (and ideal, and generated) showers",
-    "sampler_steps": "Heun steps of the quality evaluation (one row each)", "gen_batch_size": "generation batch size",
+    "samplers": "samplers of the quality evaluation, NAME:STEPS (one row each)", "gen_batch_size": "generation batch size",
     "classifier": "run the classifier tests (true/false)",
     "energy_transform": "JSON dict of the diffusion energy transform (default: the objective's, log)",
     "target_geometry": "adaptation target geometry",
     "adapt_n": "target-geometry training set sizes", "adapt_steps": "training steps of each adaptation arm",
     "adapt_batch_points": "point budget of an adaptation batch", "adapt_seeds": "seeds of the adaptation runs",
-    "n_target_reference": "target reference showers", "adapt_sampler_steps": "Heun steps of the adaptation evaluation",
-    "speed_steps": "Heun step counts timed", "batch_sizes": "batch sizes timed",
+    "n_target_reference": "target reference showers", "adapt_sampler": "sampler of the adaptation evaluation, NAME:STEPS",
+    "speed_samplers": "samplers timed, NAME:STEPS", "batch_sizes": "batch sizes timed",
     "batch1_showers": "showers generated one by one at batch size 1",
     "speed_repeats": f"most runs of one speed measurement (best kept; only runs under {REPEAT_BELOW_S:g} s repeat)",
     "speed_cap_s": "longest a speed measurement may run (s); larger batches are measured smaller, and said so",
@@ -652,7 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args) -> Config:
-    return apply_config_options(Config(**CONFIGS[args.config]), args)
+    config = apply_config_options(Config(**CONFIGS[args.config]), args)
+    for spec in [*config.samplers, *config.speed_samplers, config.adapt_sampler]:
+        Sampler.parse(spec)  # a bad NAME:STEPS fails now, not after an hour of training
+    return config
 
 
 def kept_rows(out: Path, config_name: str, settings: dict, parts: list[str]) -> tuple[list[dict], dict, list]:

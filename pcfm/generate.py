@@ -2,10 +2,12 @@
 
 :func:`generate` loads a pretraining checkpoint that holds a ``diffusion`` objective, draws the
 number of points of each shower from the model's points-per-event fit (unless given), samples
-the point clouds batch by batch (Heun or stochastic EDM sampler), and returns them in mm and MeV
-(the energy transform of the checkpoint inverted). On a calorimeter geometry the points are
-also summed into its cells, cells below the readout threshold are zeroed (as in the training
-data), and the showers can be written as a CaloChallenge file.
+the point clouds batch by batch (EDM Heun or stochastic sampler, or DPM-Solver++(2M) for few
+steps), and returns them in mm and MeV (the energy transform of the checkpoint inverted). Each
+shower's total is then set to a visible energy drawn from the model's fit of the training data
+(``calibrate_energy``). On a calorimeter geometry the points are also summed into its cells,
+cells below the readout threshold are zeroed (as in the training data), and the showers can be
+written as a CaloChallenge file.
 
 A shower whose points all miss the cells (or fall below threshold) is not a valid CaloChallenge
 event, and the training data hold none: such showers are drawn again, up to
@@ -51,6 +53,8 @@ class GeneratedShowers:
         seconds: wall time of sampling, deposition and conversion (not of loading the checkpoint
             or writing the file).
         path: the CaloChallenge file written, or None.
+        energy_calibrated: whether each shower was rescaled to a visible energy drawn from the
+            model's fit (``calibrate_energy``).
     """
 
     points: list[Data]
@@ -58,6 +62,7 @@ class GeneratedShowers:
     energy_outside: Optional[np.ndarray]
     seconds: float
     path: Optional[Path]
+    energy_calibrated: bool = False
 
 
 def _device(device: Union[str, torch.device]) -> torch.device:
@@ -88,7 +93,7 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
              particle: Union[int, Sequence[int], None] = None, n_points: Union[int, Sequence[int], None] = None,
              steps: int = 20, sampler: str = "heun", batch_size: int = 100, device: Union[str, torch.device] = "auto",
              seed: Optional[int] = None, out: Union[str, os.PathLike, None] = None,
-             progress: Optional[bool] = None) -> GeneratedShowers:
+             progress: Optional[bool] = None, calibrate_energy: Optional[bool] = None) -> GeneratedShowers:
     """Generate one shower per incident energy with a pretrained diffusion model.
 
     Args:
@@ -101,12 +106,20 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
         particle: PDG code(s) recorded with the showers (the model does not condition on it).
         n_points: points per shower (one value or one per shower); None draws them from the
             model's fit of the training data.
-        steps, sampler: sampler steps and "heun" (deterministic) or "stochastic".
+        steps, sampler: sampler steps and "heun" (deterministic, 2 steps - 1 network calls),
+            "stochastic" or "dpmpp2m" (deterministic, one call a step: the few-step choice).
         batch_size: showers sampled at once.
         device: "auto" (CUDA when available), "cpu", "cuda", ...
         seed: seeds the numbers of points and all sampler noise; None draws fresh randomness.
         out: write the showers to this CaloChallenge HDF5 file (atomically); calorimeter only.
         progress: print one line per batch; None prints when there is more than one batch.
+        calibrate_energy: rescale each shower's energies to a total visible energy drawn from the
+            model's fit of the training data, given the shower's incident energy and number of
+            points (:meth:`~pcfm.tasks.diffusion.PointDiffusion.sample_visible_energy`; on a
+            calorimeter, the sum of its cells above threshold). The diffusion still shapes the
+            shower; this fixes its total, which a point-wise denoiser gets wrong most easily.
+            None: when the model has that fit for this geometry (checkpoints from before it
+            existed do not); True: always (an error without the fit); False: never.
     """
     energies = np.asarray(energies, dtype=np.float64).reshape(-1)
     if energies.size == 0:
@@ -141,6 +154,11 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
     n_points = _per_shower(n_points, n, "n_points", np.int64)
     if np.any(n_points < 1):
         raise ValueError("every shower needs n_points >= 1")
+    if calibrate_energy is None:
+        calibrate_energy = diffusion.has_visible_energy_model(geometry.name)
+    visible_energy = None
+    if calibrate_energy:
+        visible_energy = diffusion.sample_visible_energy(energies, geometry.name, n_points, count_generator).numpy()
     requests = _Requests(geometry.name, energies, n_points, theta, phi, particle)
     if progress is None:
         progress = n > batch_size
@@ -168,8 +186,13 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
                     break
                 for i, cloud in zip(empty, sample(empty, "empty showers drawn again")):
                     clouds[i] = cloud
+            if visible_energy is not None:  # rescale to the drawn totals of the cells, deposit again
+                _rescale(clouds, visible_energy, cells.sum(1))
+                cells, energy_outside = _deposit(clouds, geometry)
             showers = CaloShowers(energies.astype(np.float32), cells, geometry.name, theta=theta, phi=phi,
                                   particle=particle)
+        elif visible_energy is not None:
+            _rescale(clouds, visible_energy, np.array([cloud[:, 3].sum() for cloud in clouds]))
     finally:
         module.train(was_training)
     points = [cloud_to_data(rows, float(energies[i]), geometry, theta=float(theta[i]), phi=float(phi[i]),
@@ -180,7 +203,8 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
     if out is not None:
         path = Path(out)
         write_calochallenge(path, showers)
-    return GeneratedShowers(points=points, showers=showers, energy_outside=energy_outside, seconds=seconds, path=path)
+    return GeneratedShowers(points=points, showers=showers, energy_outside=energy_outside, seconds=seconds, path=path,
+                            energy_calibrated=bool(calibrate_energy))
 
 
 @dataclass
@@ -212,6 +236,13 @@ def _sample_clouds(diffusion: PointDiffusion, backbone, requests: _Requests, sho
         clouds += np.split(points, np.cumsum(requests.n_points[chunk])[:-1])
         report(first + chunk.size)
     return clouds
+
+
+def _rescale(clouds: list[np.ndarray], target: np.ndarray, current: np.ndarray) -> None:
+    """Scale each cloud's energies by target / current (in place); a cloud with nothing is left."""
+    for cloud, wanted, now in zip(clouds, target, current):
+        if now > 0:
+            cloud[:, 3] *= wanted / now
 
 
 def _deposit(clouds: list[np.ndarray], geometry) -> tuple[np.ndarray, np.ndarray]:

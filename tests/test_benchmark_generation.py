@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.benchmark_loader import load_benchmark
 
 bench = load_benchmark("generation")
@@ -25,9 +27,11 @@ def test_micro_run_writes_finite_metrics_for_every_part(tmp_path, monkeypatch):
     rows = written["results"]
     by_part = {part: [r for r in rows if r["part"] == part] for part in ("quality", "adaptation", "speed", "summary")}
 
-    generated, ideal = by_part["quality"]
-    assert generated["sample"] == "generated, Heun 2 steps" and ideal["sample"].startswith("ideal")
-    for row in (generated, ideal):
+    generated, few_step, ideal = by_part["quality"]
+    assert generated["sample"] == "generated, Heun 2 steps, raw energies" and ideal["sample"].startswith("ideal")
+    assert few_step["sample"] == "generated, DPM-Solver++(2M) 2 steps" and few_step["network_calls"] == 2
+    assert not generated["energy_calibrated"] and few_step["energy_calibrated"]
+    for row in (generated, few_step, ideal):
         assert row["n_generated"] == row["n_reference"] == 16
         assert finite(row["auc_low_level"], row["auc_high_level"], row["separation_power_mean"], row["fpd"], row["kpd"])
         assert 0 <= row["auc_low_level"] <= 1 and 0 <= row["separation_power_mean"] <= 1
@@ -49,7 +53,9 @@ def test_micro_run_writes_finite_metrics_for_every_part(tmp_path, monkeypatch):
     assert (tmp_path / "work" / "adaptation" / "pretrained_n6_seed0" / "checkpoints" / "last.ckpt").is_file()
 
     speed = by_part["speed"]
-    assert {(r["sampler_steps"], r["batch_requested"]) for r in speed} == {(s, b) for s in (2, 1) for b in (1, 4, 1000)}
+    assert {(r["sampler"], r["sampler_steps"], r["batch_requested"]) for r in speed} == {
+        (name, s, b) for name, s in (("heun", 2), ("dpmpp2m", 1)) for b in (1, 4, 1000)}
+    assert all(r["network_calls"] == (3 if r["sampler"] == "heun" else 1) for r in speed)
     for row in speed:
         if row["batch"]:  # measured, perhaps at a smaller batch than asked, and then said so
             assert finite(row["showers_per_s"], row["ms_per_shower"], row["deposit_ms_per_shower"])
@@ -69,6 +75,21 @@ def test_micro_run_writes_finite_metrics_for_every_part(tmp_path, monkeypatch):
     assert all(Path(p).is_file() for p in summary["plots"]) and len(summary["plots"]) == 2
     markdown = out.with_suffix(".md").read_text()
     assert "### Quality" in markdown and "### Geometry adaptation" in markdown and "### Speed" in markdown
+
+
+def test_sampler_specs_parse_and_bad_ones_fail_before_any_work():
+    assert bench.Sampler.parse("dpmpp2m:8") == bench.Sampler("dpmpp2m", 8)
+    assert bench.Sampler.parse("12") == bench.Sampler("heun", 12)
+    assert bench.Sampler.parse("heun:20").fields() == {"sampler": "heun", "sampler_steps": 20, "network_calls": 39}
+    raw = bench.Sampler.parse("heun:20:raw")
+    assert raw == bench.Sampler("heun", 20, calibrated=False) and raw.options()["calibrate_energy"] is False
+    assert bench.Sampler.parse("heun:20").options()["calibrate_energy"] is None  # where the model has the fit
+    assert raw.slug == "heun20_raw" and raw.label == "Heun 20 steps, raw energies"
+    for bad in ("euler:8", "heun:0", "heun:x", "dpmpp2m", "heun:8:cooked", "a:b:c:d"):
+        with pytest.raises(ValueError, match="NAME:STEPS"):
+            bench.Sampler.parse(bad)
+    with pytest.raises(ValueError, match="NAME:STEPS"):
+        bench.main(["--config", "micro", "--samplers", "heun:20", "dpm:4"])
 
 
 def test_capped_batches_are_round_numbers_below_the_limit():

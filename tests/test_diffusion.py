@@ -14,7 +14,8 @@ from pcfm.nn import BACKBONE_PRESETS, Backbone
 from pcfm.sim import simulate_showers
 from pcfm.tasks import get_objective_class
 from pcfm.tasks.diffusion import (PointDiffusion, dequantize_positions, edm_loss_weight, edm_preconditioning,
-                                  heun_sampler, karras_sigmas, located_cell_sizes, stochastic_sampler)
+                                  dpmpp2m_sampler, heun_sampler, karras_sigmas, located_cell_sizes,
+                                  network_calls, stochastic_sampler)
 
 GEOMETRY = "calochallenge-ds2"
 BACKBONE_CONFIG = BACKBONE_PRESETS["tiny"]
@@ -61,7 +62,8 @@ def ragged_cloud(seed=0):
     return torch.randn(7 + 30, 4, generator=generator) * torch.tensor([1.0, 2.0, 0.5, 3.0])
 
 
-def test_heun_with_an_oracle_denoiser_reproduces_the_cloud():
+@pytest.mark.parametrize("name, sampler", [("heun", heun_sampler), ("dpmpp2m", dpmpp2m_sampler)])
+def test_with_an_oracle_denoiser_a_sampler_reproduces_the_cloud_in_its_network_calls(name, sampler):
     clean = ragged_cloud()
     calls = []
 
@@ -71,9 +73,16 @@ def test_heun_with_an_oracle_denoiser_reproduces_the_cloud():
 
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
     sigmas = karras_sigmas(20, 0.002, 80.0)
-    out = heun_sampler(oracle, noise, sigmas)
+    out = sampler(oracle, noise, sigmas)
     torch.testing.assert_close(out, clean, rtol=0, atol=1e-5)
-    assert len(calls) == 2 * 20 - 1 and calls[0] == sigmas[0]
+    assert len(calls) == network_calls(name, 20) == {"heun": 2 * 20 - 1, "dpmpp2m": 20}[name]
+    assert calls[0] == sigmas[0]
+
+
+def test_network_calls_of_each_sampler():
+    assert [network_calls(name, 6) for name in ("heun", "stochastic", "dpmpp2m")] == [11, 12, 6]
+    with pytest.raises(ValueError, match="unknown sampler"):
+        network_calls("euler", 6)
 
 
 def test_heun_solves_the_gaussian_flow_to_second_order():
@@ -93,6 +102,27 @@ def test_heun_solves_the_gaussian_flow_to_second_order():
     errors = [error(steps) for steps in (20, 40, 80)]
     assert errors[0] < 0.05 and errors[2] < 0.003
     assert 3.5 < errors[0] / errors[1] < 4.8 and 3.5 < errors[1] / errors[2] < 4.8  # halving the step: error / 4
+
+
+def test_dpmpp2m_solves_a_shifted_gaussian_flow_to_second_order_and_beats_heun_per_call():
+    # Data N(mu, s^2): D(x; sigma) = mu + (x - mu) s^2 / (sigma^2 + s^2); the flow keeps
+    # (x - mu) / sqrt(sigma^2 + s^2) fixed.
+    s, sigma_max = 0.7, 80.0
+    mu = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    noise = torch.randn(100, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = mu + (noise * sigma_max - mu) * s / math.sqrt(sigma_max ** 2 + s ** 2)
+
+    def gaussian(x, sigma):
+        return mu + (x - mu) * s ** 2 / (sigma ** 2 + s ** 2)
+
+    def error(sampler, steps):
+        return float((sampler(gaussian, noise, karras_sigmas(steps, 0.002, sigma_max)) - exact).abs().max())
+
+    errors = [error(dpmpp2m_sampler, steps) for steps in (20, 40, 80)]
+    assert errors[2] < 0.01
+    assert 3.5 < errors[0] / errors[1] < 5.5 and 3.5 < errors[1] / errors[2] < 5.5  # halving the step: error / 4
+    # at about the same number of network calls (20 against 19), DPM-Solver++(2M) is more accurate
+    assert errors[0] < 0.5 * error(heun_sampler, 10)
 
 
 def test_stochastic_sampler_is_seeded_and_samples_the_gaussian():
@@ -135,6 +165,13 @@ def test_model_sampling_with_an_oracle_returns_the_cloud_in_mm_and_mev(small_sho
     torch.testing.assert_close(pos, batch.pos, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(energy, batch.energy, rtol=1e-4, atol=1e-6)
     assert len(seen_sigmas) == 11 and seen_sigmas[0] == pytest.approx(80.0)
+    seen_sigmas.clear()
+    pos, energy = objective.sample(None, template, steps=6, sampler="dpmpp2m")
+    torch.testing.assert_close(pos, batch.pos, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(energy, batch.energy, rtol=1e-4, atol=1e-6)
+    assert len(seen_sigmas) == 6
+    with pytest.raises(ValueError, match="the dpmpp2m sampler takes no options"):
+        objective.sample(None, template, sampler="dpmpp2m", churn=1.0)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         objective.sample(None, template, sampler="euler")
 
@@ -240,6 +277,67 @@ def test_points_model_reproduces_the_median_per_energy_bin():
         objective.sample_n_points([1e4], "par04-scipb")
     with pytest.raises(ValueError, match="must be positive and finite"):
         objective.sample_n_points([0.0], GEOMETRY)
+
+
+def test_visible_energy_model_reproduces_the_response_and_its_tie_to_the_points():
+    showers = simulate_showers(GEOMETRY, 600, energy=(1e3, 1e5), seed=3)
+    dataset = ShowerDataset(showers)
+    objective = PointDiffusion(backbone_config=BACKBONE_CONFIG)
+    objective.on_data(dataset)
+    assert objective.has_visible_energy_model(GEOMETRY) and not objective.has_visible_energy_model("par04-scipb")
+    sizes, energies = dataset.event_sizes(), showers.incident_energies
+    response = showers.showers.sum(1) / energies
+    generator = torch.Generator().manual_seed(0)
+    for low, high in zip(np.logspace(3, 5, 3)[:-1], np.logspace(3, 5, 3)[1:]):
+        pick = (energies >= low) & (energies < high)
+        many = np.repeat(energies[pick], 20)
+        drawn = objective.sample_visible_energy(many, GEOMETRY, generator=generator).numpy() / many
+        assert np.median(drawn) == pytest.approx(np.median(response[pick]), rel=0.01)
+        assert np.std(drawn) == pytest.approx(np.std(response[pick]), rel=0.3)
+    # given the numbers of points, the draws keep the data's rank correlation with them
+    correlation = float(objective.points_energy_correlation[objective.geometry_vocabulary.index(GEOMETRY) + 1])
+
+    def rank_correlation(a, b):
+        return np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]
+
+    pick = (energies > 1e4) & (energies < 2e4)  # one narrow bin: the energy dependence does not count
+    expected = rank_correlation(sizes[pick], response[pick])
+    assert correlation == pytest.approx(expected, abs=0.15)
+    n = np.repeat(sizes[pick], 30)
+    drawn = objective.sample_visible_energy(np.repeat(energies[pick], 30), GEOMETRY, n, generator).numpy()
+    assert rank_correlation(n, drawn / np.repeat(energies[pick], 30)) == pytest.approx(expected, abs=0.15)
+    with pytest.raises(ValueError, match="visible-energy model saw no training events of geometry 'par04-scipb'"):
+        objective.sample_visible_energy([1e4], "par04-scipb")
+
+    # strongly tied totals (synthetic): the fit finds the tie and conditional draws keep it
+    rng = np.random.default_rng(1)
+    incident = np.exp(rng.uniform(np.log(1e3), np.log(1e5), 3000))
+    score = rng.normal(size=3000)
+    n_points = np.round(np.exp(np.log(incident) / 2 + 0.3 * score)).astype(int)
+    visible = incident * np.exp(-0.05 + 0.04 * (0.7 * score + 0.71 * rng.normal(size=3000)))
+    objective.fit_n_points(n_points, incident, [GEOMETRY] * 3000, visible_energy=visible)
+    tag = objective.geometry_vocabulary.index(GEOMETRY) + 1
+    assert float(objective.points_energy_correlation[tag]) == pytest.approx(0.7, abs=0.05)
+    drawn = objective.sample_visible_energy(incident, GEOMETRY, n_points, generator).numpy()
+    within = (incident > 1e4) & (incident < 2e4)
+    assert rank_correlation(n_points[within], drawn[within] / incident[within]) == pytest.approx(
+        rank_correlation(n_points[within], visible[within] / incident[within]), abs=0.12)
+    independent = objective.sample_visible_energy(incident, GEOMETRY, generator=generator).numpy()
+    assert abs(rank_correlation(n_points[within], independent[within] / incident[within])) < 0.15
+
+
+def test_copula_correlation_of_known_gaussians():
+    from pcfm.tasks.diffusion import _copula_correlation
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=4000)
+    b = 0.6 * a + 0.8 * rng.normal(size=4000)
+    groups = rng.integers(0, 4, 4000)
+    assert _copula_correlation(np.exp(a), b ** 3, groups) == pytest.approx(0.6, abs=0.03)  # monotone maps: same
+    assert _copula_correlation(a, rng.normal(size=4000), groups) == pytest.approx(0.0, abs=0.05)
+    # a shared shift between groups (the energy dependence) is not a correlation within them
+    assert _copula_correlation(rng.normal(size=4000) + 5 * groups, rng.normal(size=4000) + 5 * groups,
+                               groups) == pytest.approx(0.0, abs=0.05)
+    assert _copula_correlation(np.ones(10), np.arange(10.0), np.zeros(10)) == 0.0
 
 
 def test_on_data_fits_once_and_adds_geometries(small_showers):

@@ -86,3 +86,52 @@ def test_bad_requests_raise(pretrained, tmp_path):
         generate(PretrainModule({"width": 32, "heads": 2, "cond_dim": 16}, objectives="mpm"), GEOMETRY, [100.0],
                  device="cpu")
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_calibrated_showers_carry_the_drawn_visible_energies(pretrained, monkeypatch):
+    energies = np.array([150.0, 200.0, 250.0, 120.0])
+    diffusion = pretrained.module.objectives["diffusion"]
+    assert diffusion.has_visible_energy_model(GEOMETRY) and not diffusion.has_visible_energy_model("par04-scipb")
+    # a few-step model puts its points anywhere: the sampler is replaced by real showers' points
+    real = ShowerDataset(simulate_showers(GEOMETRY, 4, energy=(100.0, 300.0), seed=9))
+
+    def sample(backbone, template, **options):
+        counts = torch.bincount(template.batch).tolist()
+        pos = [np.resize(real[i].pos.numpy(), (n, 3)) for i, n in enumerate(counts)]
+        energy = [np.resize(real[i].energy.numpy(), n) for i, n in enumerate(counts)]
+        return torch.from_numpy(np.concatenate(pos)), torch.from_numpy(np.concatenate(energy))
+
+    drawn = []
+
+    def draw(incident_energy, geometry, n_points, generator):
+        drawn.append(np.asarray(n_points).copy())
+        return torch.as_tensor(0.8 * np.asarray(incident_energy), dtype=torch.float32)
+
+    monkeypatch.setattr(diffusion, "sample", sample)
+    monkeypatch.setattr(diffusion, "sample_visible_energy", draw)
+    calibrated = generate(pretrained.module, GEOMETRY, energies, device="cpu", seed=0)
+    raw = generate(pretrained.module, GEOMETRY, energies, device="cpu", seed=0, calibrate_energy=False)
+    assert calibrated.energy_calibrated and not raw.energy_calibrated
+    assert len(drawn) == 1 and np.array_equal(drawn[0], [d.num_nodes for d in raw.points])  # given the counts
+    # the cells hold the drawn totals, up to the cells that fall below threshold after rescaling
+    np.testing.assert_allclose(calibrated.showers.showers.sum(1), 0.8 * energies, rtol=0.02)
+    assert not np.allclose(raw.showers.showers.sum(1), 0.8 * energies, rtol=0.1)
+    # the shape is the sampler's: the calibrated cells are the raw ones scaled
+    scale = calibrated.showers.showers.sum(1, keepdims=True) / raw.showers.showers.sum(1, keepdims=True)
+    both = (calibrated.showers.showers > 0) & (raw.showers.showers > 0)
+    np.testing.assert_allclose(calibrated.showers.showers[both], (raw.showers.showers * scale)[both], rtol=0.05)
+
+
+def test_a_checkpoint_without_the_visible_energy_model_still_loads_and_generates(pretrained, tmp_path):
+    stored = torch.load(pretrained.checkpoint_path, map_location="cpu", weights_only=False)
+    for key in [k for k in stored["state_dict"] if "visible_energy" in k or "points_energy_correlation" in k]:
+        del stored["state_dict"][key]
+    old = tmp_path / "old.ckpt"
+    torch.save(stored, old)
+    module = PretrainModule.load_from_checkpoint(old)
+    assert not module.objectives["diffusion"].has_visible_energy_model(GEOMETRY)
+    result = generate(module, GEOMETRY, [150.0, 200.0], steps=2, device="cpu", seed=0)
+    assert not result.energy_calibrated and result.showers.showers.shape[0] == 2
+    with pytest.raises(ValueError, match="visible-energy model saw no training events of geometry "
+                                         "'calochallenge-ds2'.*calibrate_energy=False"):
+        generate(module, GEOMETRY, [150.0], steps=2, device="cpu", calibrate_energy=True)

@@ -32,7 +32,9 @@ def test_a_new_run_starts_from_the_checkpoint_weights_with_a_fresh_schedule(sour
     trained = PretrainModule.load_from_checkpoint(source.checkpoint_path).state_dict()
     copied = start.module.state_dict()
     assert start.module.hparams["backbone"] == source.module.hparams["backbone"]  # model=None: the checkpoint's
-    refitted = {"objectives.diffusion.n_points_quantiles", "objectives.diffusion.n_points_events"}
+    refitted = {f"objectives.diffusion.{name}" for name in ("n_points_quantiles", "n_points_events",
+                                                             "visible_energy_quantiles", "visible_energy_events",
+                                                             "points_energy_correlation")}
     assert all(torch.equal(copied[k], trained[k]) for k in trained if k not in refitted | {"data_statistics_fitted"})
     # the points-per-event model learnt the new geometry and kept the old one
     events = start.module.objectives["diffusion"].n_points_events.sum(1)

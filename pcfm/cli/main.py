@@ -162,6 +162,7 @@ def _cmd_generate(args) -> int:
                 else np.full(args.n, energy))
     result = generate(args.checkpoint, args.geometry, energies, theta=float(np.radians(args.theta_deg)),
                       steps=args.steps, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed,
+                      calibrate_energy=False if args.no_energy_calibration else None,
                       out=args.out)
     print(f"generated {args.n} showers on {args.geometry} in {result.seconds:.1f} s "
           f"({args.n / result.seconds:.1f}/s)" + (f"; wrote {result.path}" if result.path else ""))
@@ -247,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--energy", default="1000:100000", help="MeV: fixed (E) or log-uniform (LO:HI)")
     gen.add_argument("--theta-deg", type=float, default=90.0)
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--sampler", default="heun", choices=["heun", "stochastic"])
+    gen.add_argument("--sampler", default="heun", choices=["heun", "stochastic", "dpmpp2m"],
+                     help="heun: 2 steps - 1 network calls; dpmpp2m: one call a step (few steps)")
     gen.add_argument("--batch-size", type=int, default=100)
+    gen.add_argument("--no-energy-calibration", action="store_true",
+                     help="keep the sampled totals instead of rescaling each shower to a visible energy drawn "
+                          "from the model's fit")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", type=Path, default=None, help="CaloChallenge HDF5 file to write")
     gen.set_defaults(func=_cmd_generate)
