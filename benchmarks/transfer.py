@@ -4,7 +4,10 @@ Masked point modelling (:func:`pcfm.pretrain`, objective "mpm") on the source ge
 (``--source-geometries``, default ``calochallenge-ds2``; electrons, photons and charged pions)
 and on LArTPC events (``lartpc-768``); then :func:`pcfm.finetune` with ``n`` labels
 (``--n-labels``) and several seeds (``--seeds``), each pretrained arm against the same backbone
-from random weights, with the same labels, steps, learning rate and schedule:
+from random weights, with the same labels, steps, learning rate and schedule. With
+``--label-step-exponent p`` a fine-tune with ``n`` labels runs ``(n / smallest n) ** p`` times
+the steps (default 0: equal steps; 0.5 checks that a baseline with more labels is not simply
+under-trained):
 
 * pid: particle identification (electron / photon / pion) on the unseen ``--target-geometry``
   (default ``par04-scipb``), backbone pretrained on the source showers; accuracy (and macro F1);
@@ -134,6 +137,7 @@ class Config:
     # fine-tuning
     finetune_steps: int = 100
     finetune_lartpc_steps: int = 100
+    label_step_exponent: float = 0.0
     finetune_batch_points: int = 8_000
     finetune_lartpc_batch_points: int = 20_000
     finetune_lr: float = 5e-4
@@ -347,6 +351,36 @@ def target_leak(module, dataset, task: str, device: str, targets: tuple[str, ...
     return {"change": change, "detected": change > max(LEAK_THRESHOLD, 10 * noise)}
 
 
+def calibration_baseline(domains: Domains, config: Config) -> list[dict]:
+    """Regression reference without a network: log E = a log E_visible + b by least squares on
+    ``n`` pool events (seeded random subsets), scored on the regression test set."""
+    def visible_and_true(events) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [(float(e.energy.sum()), float(e.incident_energy)) for e in events]
+        return tuple(np.log(np.array(column)) for column in zip(*pairs))
+
+    test_x, test_y = visible_and_true(domains.test(TASKS["regression"].domain))
+    pool = domains.pool(TASKS["regression"].domain)
+    rows = []
+    for n in config.n_labels:
+        for seed in config.seeds:
+            picks = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
+            x, y = visible_and_true([pool[int(i)] for i in picks])
+            slope, intercept = np.polyfit(x, y, 1)
+            metrics = task_metrics("regression", np.exp(slope * test_x + intercept)[:, None], np.exp(test_y)[:, None],
+                                   ("incident_energy",))
+            rows.append({"part": "baseline", "task": "regression", "arm": "visible-energy calibration",
+                         "n_labels": n, "seed": seed, "metrics": {**metrics, "n_test": int(test_x.size)}})
+    return rows
+
+
+def finetune_steps(spec: TaskSpec, n: int, config: Config) -> int:
+    """Fine-tune steps with ``n`` labels: the configured steps at the smallest label count, times
+    ``(n / smallest) ** label_step_exponent`` (0: the same steps for every n; 0.5: ten times the
+    labels get about three times the steps, so a larger training set is not cut short)."""
+    base = config.finetune_lartpc_steps if spec.domain == "lartpc" else config.finetune_steps
+    return max(1, round(base * (n / min(config.n_labels)) ** config.label_step_exponent))
+
+
 def run_settings(spec: TaskSpec, init: str, model: Any, n: int, seed: int, config: Config,
                  pretrain_record: Optional[dict]) -> dict:
     lartpc = spec.domain == "lartpc"
@@ -354,7 +388,7 @@ def run_settings(spec: TaskSpec, init: str, model: Any, n: int, seed: int, confi
         "task": spec.finetune_task, "init": init, "model": model,
         "pretraining": None if pretrain_record is None else pretrain_settings(init, model, config),
         "n_labels": n, "seed": seed, "mode": arm_mode(init, config),
-        "steps": config.finetune_lartpc_steps if lartpc else config.finetune_steps,
+        "steps": finetune_steps(spec, n, config),
         "batch_points": config.finetune_lartpc_batch_points if lartpc else config.finetune_batch_points,
         "lr": config.finetune_lr, "data": domain_settings(spec.domain, config), "accelerator": config.accelerator,
     })
@@ -598,8 +632,10 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
              f"{LARTPC_GEOMETRY} (segmentation), mode {config.mode}"
              + (f" (pretrained arm: {config.pretrained_mode})" if config.pretrained_mode else "")
              + f", lr {config.finetune_lr:g}, {config.finetune_steps} steps of {config.finetune_batch_points} points "
-             f"(LArTPC: {config.finetune_lartpc_steps} of {config.finetune_lartpc_batch_points}); the same for both "
-             f"arms. Test sets: {config.n_test} {config.target_geometry} and {config.n_lartpc_test} LArTPC events, "
+             f"(LArTPC: {config.finetune_lartpc_steps} of {config.finetune_lartpc_batch_points})"
+             + (f" at {min(config.n_labels)} labels, times (n / {min(config.n_labels)})^"
+                f"{config.label_step_exponent:g} at n labels" if config.label_step_exponent else "")
+             + f"; the same for both arms. Test sets: {config.n_test} {config.target_geometry} and {config.n_lartpc_test} LArTPC events, "
              f"fixed, simulated apart. Seeds {config.seeds} (labels and initialisation).", ""]
     if config_name != "gpu":
         lines += ["**Not the full study (`--config gpu`: tiny/small/base, up to 10,000 labels).**", ""]
@@ -609,6 +645,14 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
               "advantage > 0: pretrained better; met: advantage >= -(standard error of the difference); scratch "
               "gain: what ten times the labels bring the scratch model (> 0: better).", "",
               markdown_table(checks, TARGET_COLUMNS), ""]
+    baseline = [r for r in rows if r.get("part") == "baseline"]
+    if baseline:
+        metric = TASKS["regression"].metric
+        lines += ["Regression reference without a network (least squares of log E on log E_visible, n random pool "
+                  "events, the same test set): " + "; ".join(
+                      f"n = {n}: {metric} {np.mean(values):.4f} ± {np.std(values):.4f}"
+                      for n in sorted({r["n_labels"] for r in baseline})
+                      for values in [[r["metrics"][metric] for r in baseline if r["n_labels"] == n]]) + ".", ""]
     result = summary["verdict"]
     for model, entry in result["per_model"].items():
         lines.append(f"- {model}: met on {entry['tasks_met'] or 'none'} of {entry['tasks_checked']}"
@@ -644,7 +688,9 @@ OPTION_HELP = {
     "pretrain_steps": "MPM steps on the source showers", "pretrain_lartpc_steps": "MPM steps on LArTPC events",
     "pretrain_batch_points": "point budget of a pretraining batch", "pretrain_lr": "pretraining peak lr",
     "n_source": "simulated events per source geometry", "n_lartpc_pretrain": "simulated LArTPC pretraining events",
-    "finetune_steps": "fine-tune steps (showers)", "finetune_lartpc_steps": "fine-tune steps (LArTPC)",
+    "finetune_steps": "fine-tune steps (showers) at the smallest n_labels",
+    "finetune_lartpc_steps": "fine-tune steps (LArTPC) at the smallest n_labels",
+    "label_step_exponent": "steps grow as (n_labels / smallest) ** this (0: equal steps for every n_labels)",
     "finetune_batch_points": "point budget of a fine-tune batch (showers)",
     "finetune_lartpc_batch_points": "point budget of a fine-tune batch (LArTPC)",
     "finetune_lr": "fine-tune head lr (and backbone lr in full mode)",
@@ -741,6 +787,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         result = done[key]
         rows.append({"part": "run", "task": task, "model": model_label(model), "arm": arm, "init": init,
                      "n_labels": n, "seed": seed, **result})
+    baseline = calibration_baseline(domains, config) if "regression" in config.tasks else []
     aggregates = aggregate(rows, config)
     checks = target_checks(aggregates, config)
     result = verdict(checks, config)
@@ -753,7 +800,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                "runs_reused": sum(bool(r["reused"]) for r in done.values()),
                "pretraining": pretrainings, "verdict": result,
                "plot": None if skipped else str(plot_path), "plot_skipped": skipped}
-    rows = rows + aggregates + checks + [summary]
+    rows = rows + baseline + aggregates + checks + [summary]
     write_results(name, command, machine, rows, out)
     text = report(rows, args.config, config, command, machine, None if skipped else str(plot_path))
     with atomic_path(out.with_suffix(".md")) as tmp:

@@ -130,13 +130,15 @@ class FinetuneDataModule(PretrainDataModule):
             (``y``, the regression targets, ``semantic``).
         targets: regression targets.
         n_labels: training events kept (None: all); balanced over classes for classification.
-        test_fraction: share of the labelled events held out for testing.
+        test_fraction: share of the labelled events held out for testing (ignored with ``test_data``).
+        test_data: a separate test set (files, a list of ``Data`` or a dataset): every usable
+            event of it is tested, and none of ``data`` is held out for testing.
         **options: :class:`~pcfm.engine.data.PretrainDataModule` keywords (``geometry``,
             ``n_events``, ``val_fraction``, ``batch_points``, ``seed``, ``particles``, ...).
     """
 
     def __init__(self, data: Any = None, *, task: str, targets: Sequence[str] = ("incident_energy",),
-                 n_labels: Optional[int] = None, test_fraction: float = 0.2, **options):
+                 n_labels: Optional[int] = None, test_fraction: float = 0.2, test_data: Any = None, **options):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
         if data is None and options.get("geometry") is None:
@@ -145,7 +147,7 @@ class FinetuneDataModule(PretrainDataModule):
         if n_labels is not None and n_labels < 1:
             raise ValueError(f"n_labels must be >= 1, got {n_labels}")
         self.task, self.targets = task, tuple(targets)
-        self.n_labels, self.test_fraction = n_labels, float(test_fraction)
+        self.n_labels, self.test_fraction, self.test_data = n_labels, float(test_fraction), test_data
         self.label_field = {"classification": "y", "segmentation": "semantic"}.get(task)
         self.test_dataset: Optional[LabelledView] = None
         self._test_sizes = None
@@ -184,13 +186,28 @@ class FinetuneDataModule(PretrainDataModule):
         """Open (or simulate) the data once and split it into train (n_labels), validation and test."""
         if self.dataset is not None:
             return
+        test_dataset = test = None
+        if self.test_data is not None:  # before the training data: _usable keeps the last one's classes
+            test_dataset = self._open_given(self.test_data, "test_data")
+            self._test_sizes = event_sizes(test_dataset)
+            try:
+                test = self._usable(test_dataset, np.flatnonzero(self._test_sizes >= self.min_points))
+            except DataError as error:  # say which of the two data sets holds the bad event
+                raise DataError(f"{error.problem} (in test_data)", error.path, error.event) from None
+            if len(test) == 0:
+                raise DataError(f"test_data has no event with a usable {self.task} label and at least "
+                                f"min_points={self.min_points} points (of {len(self._test_sizes)} events)")
         dataset = self._open()
         sizes = event_sizes(dataset)
         labelled = self._usable(dataset, np.flatnonzero(sizes >= self.min_points))
         if len(labelled) < 2:
             raise DataError(f"{len(labelled)} event(s) with a usable {self.task} label and at least "
                             f"min_points={self.min_points} points (of {len(sizes)} events): need 2")
-        pool, test = split_indices(labelled, self.test_fraction, self.seed)
+        if test is None:
+            pool, test = split_indices(labelled, self.test_fraction, self.seed)
+            test_dataset, self._test_sizes = dataset, sizes
+        else:
+            pool = labelled
         train, val = split_indices(pool, self.val_fraction, self.seed + 1)
         if self.n_labels is not None:
             if self.n_labels > len(train):
@@ -200,9 +217,9 @@ class FinetuneDataModule(PretrainDataModule):
             else:
                 train = np.sort(np.random.default_rng(self.seed).choice(train, self.n_labels, replace=False))
         self.dataset = dataset
-        self.train_dataset, self.val_dataset, self.test_dataset = (
-            LabelledView(dataset, part, self.label_field) for part in (train, val, test))
-        self._train_sizes, self._val_sizes, self._test_sizes = sizes[train], sizes[val], sizes[test]
+        self.train_dataset, self.val_dataset = (LabelledView(dataset, part, self.label_field) for part in (train, val))
+        self.test_dataset = LabelledView(test_dataset, test, self.label_field)
+        self._train_sizes, self._val_sizes, self._test_sizes = sizes[train], sizes[val], self._test_sizes[test]
 
     def test_dataloader(self) -> DataLoader:
         sampler = PointBudgetBatchSampler(self._test_sizes, self.batch_points, shuffle=False,
@@ -221,12 +238,19 @@ class FinetuneDataModule(PretrainDataModule):
         weights[present] = counts[present].sum() / (present.sum() * counts[present])
         return weights.tolist()
 
-    def regression_statistics(self) -> tuple[list[float], list[float]]:
-        """Mean and spread over the training events of each target and of the log visible energy."""
+    def regression_statistics(self) -> dict[str, list[float]]:
+        """:class:`~pcfm.tasks.finetune.FinetuneModule` keywords from the training events: mean and
+        spread of each target and of the log visible energy (``target_mean``, ``target_std``),
+        and the least-squares slope of each standardised target on the standardised log visible
+        energy (``visible_energy_slope``: their correlation; 0 with fewer than 2 events)."""
         events = Batch.from_data_list(list(self.train_dataset))
         values = torch.cat([regression_values(events, self.targets), log_visible_energy(events)], 1).double()
         std = values.std(0) if len(values) > 1 else torch.ones(values.shape[1], dtype=values.dtype)
-        return values.mean(0).tolist(), std.clamp_min(1e-6).tolist()
+        std = std.clamp_min(1e-6)
+        standard = (values - values.mean(0)) / std
+        slope = (standard[:, :-1] * standard[:, -1:]).sum(0) / max(len(values) - 1, 1)
+        return {"target_mean": values.mean(0).tolist(), "target_std": std.tolist(),
+                "visible_energy_slope": slope.tolist() if len(values) > 1 else [0.0] * len(self.targets)}
 
 
 def pretrained_backbone(checkpoint: Any, model: str | BackboneConfig | Mapping[str, Any]
@@ -294,7 +318,8 @@ def _check_same_run(path: Path, workdir: Path, stored: Optional[Mapping[str, Any
 def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
              model: str | BackboneConfig | Mapping[str, Any] = "tiny", mode: str = "full",
              n_labels: Optional[int] = None, geometry: str | Sequence[str] | None = None, n_events: int = 1024,
-             targets: Sequence[str] = ("incident_energy",), test_fraction: float = 0.2, val_fraction: float = 0.1,
+             targets: Sequence[str] = ("incident_energy",), test_fraction: float = 0.2, test_data: Any = None,
+             val_fraction: float = 0.1,
              max_steps: int = 500, batch_points: int = 20_000, lr: float = 5e-4, backbone_lr_scale: float = 0.1,
              warmup_steps: Optional[int] = None, weight_decay: float = 0.05,
              workdir: str | os.PathLike = "pcfm_runs/finetune", resume: bool = True, patience: Optional[int] = None,
@@ -322,6 +347,10 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         n_events: simulated events (``data=None``).
         targets: regression targets among "incident_energy" (predicted as log E) and "theta".
         test_fraction: share of labelled events held out for the test metrics.
+        test_data: a separate labelled test set (files / globs / folders, a list of ``Data`` or a
+            dataset) instead: every usable event of it is tested and all of ``data`` is used for
+            training and validation (``test_fraction`` is ignored). It is not part of the run's
+            settings: a finished run can be tested again on other events.
         val_fraction: share of the remaining events used for the validation loss (0: none).
         max_steps: optimiser steps. batch_points: point budget of a batch.
         lr: head learning rate. backbone_lr_scale: backbone lr / lr in "layerwise" mode.
@@ -365,7 +394,8 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     workdir = Path(workdir)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = FinetuneDataModule(data, task=task, targets=targets, n_labels=n_labels,
-                                    test_fraction=test_fraction, geometry=geometry, n_events=n_events,
+                                    test_fraction=test_fraction, test_data=test_data, geometry=geometry,
+                                    n_events=n_events,
                                     val_fraction=val_fraction, batch_points=batch_points, num_workers=num_workers,
                                     seed=seed, **dict(data_options or {}))
     datamodule.setup("fit")
@@ -373,15 +403,17 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     if patience is not None and not validating:
         raise ValueError(f"patience={patience} stops on the validation loss, but there are no validation events "
                          f"(val_fraction={val_fraction}); give val_fraction > 0 or patience=None")
-    names = ("train", "val", "test")
-    parts = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)
-    sizes = (datamodule._train_sizes, datamodule._val_sizes, datamodule._test_sizes)
+    separate_test = test_data is not None
+    names = ("train", "val") if separate_test else ("train", "val", "test")
+    parts = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)[:len(names)]
+    sizes = (datamodule._train_sizes, datamodule._val_sizes, datamodule._test_sizes)[:len(names)]
     settings = _plain({
         "task": task, "mode": mode, "n_labels": n_labels, "seed": seed,
         "checkpoint_weights": None if weights is None else _digest(sorted(weights.items())),
         "backbone": config.to_dict(), "targets": list(targets) if task == "regression" else None,
         "geometry": geometry, "n_events": n_events if data is None else None,
-        "data_options": dict(data_options or {}), "test_fraction": test_fraction, "val_fraction": val_fraction,
+        "data_options": dict(data_options or {}), "test_fraction": None if separate_test else test_fraction,
+        "val_fraction": val_fraction,
         "split": _digest([(name, np.asarray(part.indices)) for name, part in zip(names, parts)]
                          + [(f"{name}_sizes", np.asarray(size)) for name, size in zip(names, sizes)]),
         "max_steps": max_steps, "batch_points": batch_points, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
@@ -401,7 +433,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
 
     statistics = {}
     if task == "regression":
-        statistics["target_mean"], statistics["target_std"] = datamodule.regression_statistics()
+        statistics.update(datamodule.regression_statistics())
     if task == "segmentation":
         statistics["class_weights"] = datamodule.class_weights()
     module = FinetuneModule(config, task=task, mode=mode, targets=targets, lr=lr,
@@ -461,7 +493,8 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     metrics.update(n_train=len(datamodule.train_dataset), n_test=len(datamodule.test_dataset))
     record = {"task": task, "mode": mode, "n_labels": n_labels, "targets": list(targets) if task == "regression"
               else None, "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
-              "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed, "metrics": metrics,
+              "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed,
+              "test_set": "test_data" if separate_test else f"{test_fraction:g} of data", "metrics": metrics,
               "training": training}
     metrics_path = workdir / METRICS_FILE
     with atomic_path(metrics_path) as temporary:

@@ -52,6 +52,12 @@ def test_micro_run_writes_results_and_a_rerun_reuses_them(tmp_path, monkeypatch)
                if r["arm"] == "scratch" and r["task"].startswith("segmentation")}
     assert scratch[("segmentation", 6)] == scratch[("segmentation_cross", 6)]
 
+    # the no-network reference: a least-squares calibration on log visible energy per n and seed
+    baseline = [r for r in rows if r["part"] == "baseline"]
+    assert sorted((r["n_labels"], r["seed"]) for r in baseline) == [(6, 0), (12, 0)]
+    assert all(finite(r["metrics"]["incident_energy/resolution"]) and r["metrics"]["n_test"] == 24 for r in baseline)
+    assert "without a network" in out.with_suffix(".md").read_text()
+
     aggregates = [r for r in rows if r["part"] == "aggregate"]
     assert len(aggregates) == 16
     for row in aggregates:
@@ -110,6 +116,17 @@ def test_a_changed_setting_trains_again(tmp_path):
     assert summary["runs_fresh"] == 2 and summary["runs_reused"] == 0
     assert all(p["reused"] for p in summary["pretraining"])
     assert all(r["steps"] == 4 for r in rows if r["part"] == "run")
+
+
+def test_steps_grow_with_the_labels_only_when_asked():
+    config = bench.Config(n_labels=[100, 1000, 10_000], finetune_steps=100, finetune_lartpc_steps=50)
+    pid, segmentation = bench.TASKS["pid"], bench.TASKS["segmentation"]
+    assert [bench.finetune_steps(pid, n, config) for n in (100, 1000, 10_000)] == [100, 100, 100]
+    config.label_step_exponent = 0.5
+    assert [bench.finetune_steps(pid, n, config) for n in (100, 1000, 10_000)] == [100, 316, 1000]
+    assert bench.finetune_steps(segmentation, 1000, config) == 158
+    config.label_step_exponent = 1.0
+    assert bench.finetune_steps(pid, 1000, config) == 1000
 
 
 def test_the_target_geometry_must_be_unseen():

@@ -185,7 +185,7 @@ def test_bad_events_are_named_by_file_and_index(tmp_path, event, damage, problem
     assert str(err.value).startswith(f"{path}: event {event}: {problem}")
     assert err.value.event == event
 
-    with pytest.warns(SkippedEventsWarning, match=f"skipped 1 bad event") as record:
+    with pytest.warns(SkippedEventsWarning, match="skipped 1 bad event") as record:
         kept = read_calochallenge(path, on_error="skip", block_events=3)
     assert [e.event for e in record[0].message.errors] == [event]
     keep = np.arange(9) != event

@@ -3,7 +3,6 @@ import re
 
 import h5py
 import numpy as np
-import pytest
 
 from pcfm.cli.main import main
 from pcfm.data import read_calochallenge, read_pilarnet_event

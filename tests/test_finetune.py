@@ -62,6 +62,27 @@ def test_regression_reports_energy_resolution_and_angle(tmp_path):
     assert math.log(2e3) < mean_log_energy < math.log(2e4)
 
 
+def test_energy_regression_starts_from_the_visible_energy_calibration():
+    """Before any step, the prediction is the least-squares calibration on log visible energy:
+    electrons and photons on par04-scipb get the resolution such a fit gives (~5%)."""
+    options = dict(geometry="par04-scipb", particles=("electron", "photon"), energy_range=(1e3, 1e5))
+    datamodule = FinetuneDataModule(task="regression", n_events=300, seed=0, val_fraction=0.0, **options)
+    datamodule.setup()
+    statistics = datamodule.regression_statistics()
+    assert 0.9 < statistics["visible_energy_slope"][0] <= 1.0  # log E and log E_visible: nearly collinear
+    module = FinetuneModule(backbone_config("tiny"), task="regression", **statistics).eval()
+    test = Batch.from_data_list(list(datamodule.test_dataset))
+    with torch.no_grad():
+        predicted = module.predict(test)
+    relative = (predicted["prediction"] - predicted["truth"]) / predicted["truth"]
+    assert float(relative.std()) < 0.08 and abs(float(relative.mean())) < 0.03
+    # a checkpoint from before the calibration path loads with it at zero: the head alone
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("calibration.")}
+    old = FinetuneModule(backbone_config("tiny"), task="regression", **statistics)
+    old.load_state_dict(state)
+    assert torch.equal(old.calibration.weight, torch.zeros(1, 1)) and torch.equal(old.calibration.bias, torch.zeros(1))
+
+
 def test_segmentation_weights_rare_classes_and_reports_f1(tmp_path):
     events = simulate_pretraining_events("lartpc-768", 16, seed=0)
     result = finetune("segmentation", events, max_steps=3, workdir=tmp_path, **FAST)
@@ -137,6 +158,42 @@ def test_n_labels_takes_a_balanced_seeded_subset():
     assert len(indices) == 30 and np.bincount(classes).tolist() == [10, 10, 10]
     assert np.array_equal(indices, train_indices(0)[0])
     assert not np.array_equal(indices, train_indices(1)[0])
+
+
+def test_a_separate_test_set_is_tested_whole_and_no_training_event_is_held_out():
+    data = simulate_pretraining_events(n_events=30, seed=0, **SMALL_SHOWERS)
+    test_data = simulate_pretraining_events(n_events=11, seed=5, **SMALL_SHOWERS)
+    datamodule = FinetuneDataModule(data, task="classification", test_data=test_data, n_labels=9, val_fraction=0.2)
+    datamodule.setup()
+    assert datamodule.test_dataset.dataset is test_data and list(datamodule.test_dataset.indices) == list(range(11))
+    assert len(datamodule.val_dataset) == 6 and len(datamodule.train_dataset) == 9
+    # the balanced subset is drawn with the classes of the training data, not of the test set
+    classes = [int(data[int(i)].y) for i in datamodule.train_dataset.indices]
+    assert np.bincount(classes).tolist() == [3, 3, 3]
+    assert [int(item.y) for item in datamodule.test_dataset] == [int(test_data[i].y) for i in range(11)]
+
+
+def test_finetune_scores_the_given_test_set_and_retests_a_finished_run_on_another(tmp_path):
+    data = simulate_pretraining_events(n_events=24, seed=0, **SMALL_SHOWERS)
+    first, second = (simulate_pretraining_events(n_events=n, seed=s, **SMALL_SHOWERS) for n, s in ((10, 5), (7, 6)))
+    result = finetune("classification", data=data, test_data=first, max_steps=2, workdir=tmp_path, **FAST)
+    assert (result.metrics["n_train"], result.metrics["n_test"]) == (24, 10)
+    module = result.module.eval()
+    with torch.no_grad():
+        predicted = module(Batch.from_data_list([first[i] for i in range(10)])).argmax(1).numpy()
+    truth = np.array([int(first[i].y) for i in range(10)])
+    assert result.metrics["accuracy"] == pytest.approx(float(np.mean(predicted == truth)))
+    assert json.loads(result.metrics_path.read_text())["test_set"] == "test_data"
+    again = finetune("classification", data=data, test_data=second, max_steps=2, workdir=tmp_path, **FAST)
+    assert again.training["resumed_from_step"] == 2 and again.metrics["n_test"] == 7
+
+
+def test_a_bad_event_of_the_test_set_is_named_as_such():
+    events = [Data(pos=torch.randn(5, 3), x=torch.randn(5, 4), y=torch.tensor([i % 3])) for i in range(6)]
+    test_events = [Data(pos=torch.randn(5, 3), x=torch.randn(5, 4), y=torch.tensor([0])) for _ in range(3)]
+    del test_events[1].y
+    with pytest.raises(DataError, match=r"event 1: has no 'y' label, which classification needs \(in test_data\)"):
+        FinetuneDataModule(events, task="classification", test_data=test_events).setup()
 
 
 def test_balanced_subset_fills_a_short_class_from_the_others():

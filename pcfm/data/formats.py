@@ -6,7 +6,7 @@ lazy dataset, whose items are ``torch_geometric.data.Data`` point clouds in mm: 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 from pcfm.data.hdf5 import PathLike, expand_paths, open_hdf5
 from pcfm.errors import DataError

@@ -254,19 +254,23 @@ class PretrainDataModule(L.LightningDataModule):
         """The full dataset from ``data`` (or the simulator)."""
         if self.data is None:
             return simulate_pretraining_events(self.geometry or DEFAULT_GEOMETRY, seed=self.seed, **self.simulation)
-        if isinstance(self.data, (str, os.PathLike)) or (
-                isinstance(self.data, (list, tuple)) and self.data and isinstance(self.data[0], (str, os.PathLike))):
+        return self._open_given(self.data)
+
+    def _open_given(self, data, name: str = "data"):
+        """A dataset from file paths / globs / folders, a list of ``Data`` or a map-style dataset."""
+        if isinstance(data, (str, os.PathLike)) or (
+                isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike))):
             options = dict(self.dataset_options)
             if self.geometry is not None:
                 if not isinstance(self.geometry, str):
                     raise ValueError(f"with files, geometry must be one name (or None), got {self.geometry!r}")
                 options.setdefault("geometry", self.geometry)
-            return open_dataset(self.data, **options)
-        if isinstance(self.data, (list, tuple)):
-            return EventList(self.data)
-        if not hasattr(self.data, "__getitem__") or not hasattr(self.data, "__len__"):
-            raise TypeError(f"data must be file paths, a map-style dataset of Data or None, got {type(self.data)}")
-        return self.data
+            return open_dataset(data, **options)
+        if isinstance(data, (list, tuple)):
+            return EventList(data)
+        if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+            raise TypeError(f"{name} must be file paths, a map-style dataset of Data or None, got {type(data)}")
+        return data
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Open (or simulate) the data once and split it; later calls do nothing."""

@@ -6,10 +6,12 @@
 - ``"classification"``: the event class ``y`` (an index into
   :data:`pcfm.data.PARTICLE_CLASSES`) from the pooled event embedding, by cross-entropy;
 - ``"regression"``: event quantities (:data:`REGRESSION_TARGETS`: log of the incident energy,
-  the polar angle) from the pooled embedding and the event's log visible energy (the
-  calibration every calorimeter regression starts from; the backbone learns the corrections),
-  by a mean squared error on standardised targets. The targets are hidden from the backbone's
-  event conditioning (:func:`~pcfm.nn.hide_condition`), which would otherwise read them;
+  the polar angle), by a mean squared error on standardised targets, as a linear calibration
+  on the event's log visible energy (the start of every calorimeter energy measurement; its
+  slope is fitted on the training events by least squares before training) plus a correction
+  that the head computes from the pooled embedding and the visible energy (its output layer
+  starts at zero, so training starts from the calibration). The targets are hidden from the
+  backbone's event conditioning (:func:`~pcfm.nn.hide_condition`), which would otherwise read them;
 - ``"segmentation"``: the per-point ``semantic`` class (LArTPC) from the per-point features, by a
   cross-entropy whose class weights (inverse training-set frequencies) counter the imbalance.
 
@@ -72,6 +74,8 @@ class FinetuneModule(L.LightningModule):
         targets: regression targets (subset of :data:`REGRESSION_TARGETS`).
         target_mean, target_std: training-set mean and spread of each regression target (and,
             last, of the log visible energy), to standardise them; default 0 and 1.
+        visible_energy_slope: per regression target, the starting slope of the standardised
+            target on the standardised log visible energy (the calibration path); default 0.
         class_weights: cross-entropy weight per class (segmentation: from the training set).
         head_hidden: hidden width of the head (default the backbone width).
         lr: head learning rate (and the backbone's in "full" mode).
@@ -82,6 +86,7 @@ class FinetuneModule(L.LightningModule):
     def __init__(self, backbone: BackboneConfig | Mapping[str, Any] | None = None, task: str = "classification",
                  mode: str = "full", targets: Sequence[str] = ("incident_energy",),
                  target_mean: Optional[Sequence[float]] = None, target_std: Optional[Sequence[float]] = None,
+                 visible_energy_slope: Optional[Sequence[float]] = None,
                  class_weights: Optional[Sequence[float]] = None, head_hidden: Optional[int] = None,
                  lr: float = 1e-3, backbone_lr_scale: float = 0.1, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10, max_steps: int = 1000,
@@ -103,6 +108,14 @@ class FinetuneModule(L.LightningModule):
             self.register_buffer("target_mean", torch.tensor(list(target_mean or [0.0] * n_stats), dtype=torch.float32))
             self.register_buffer("target_std", torch.tensor(list(target_std or [1.0] * n_stats), dtype=torch.float32))
             self.head = mlp_head(width + 1, hidden, len(targets))
+            nn.init.zeros_(self.head[-1].weight)  # start from the calibration alone
+            nn.init.zeros_(self.head[-1].bias)
+            self.calibration = nn.Linear(1, len(targets))
+            with torch.no_grad():
+                self.calibration.weight.copy_(torch.tensor(list(visible_energy_slope or [0.0] * len(targets)),
+                                                           dtype=torch.float32)[:, None])
+                self.calibration.bias.zero_()
+            self._register_load_state_dict_pre_hook(_without_calibration_path)
         else:
             n_classes = len(CLASS_NAMES[task])
             self.head = mlp_head(width, hidden, n_classes)
@@ -114,6 +127,7 @@ class FinetuneModule(L.LightningModule):
             "backbone": config.to_dict(), "task": task, "mode": mode, "targets": list(targets),
             "target_mean": None if target_mean is None else [float(v) for v in target_mean],
             "target_std": None if target_std is None else [float(v) for v in target_std],
+            "visible_energy_slope": None if visible_energy_slope is None else [float(v) for v in visible_energy_slope],
             "class_weights": None if class_weights is None else [float(v) for v in class_weights],
             "head_hidden": hidden, "lr": float(lr), "backbone_lr_scale": float(backbone_lr_scale),
             "weight_decay": float(weight_decay), "betas": [float(b) for b in betas],
@@ -132,8 +146,8 @@ class FinetuneModule(L.LightningModule):
             return self.head(output.pooled)
         if task == "segmentation":
             return self.head(output.point_features)
-        visible = (log_visible_energy(batch) - self.target_mean[-1]) / self.target_std[-1]
-        return self.head(torch.cat([output.pooled, visible.to(output.pooled.dtype)], 1))
+        visible = ((log_visible_energy(batch) - self.target_mean[-1]) / self.target_std[-1]).to(output.pooled.dtype)
+        return self.calibration(visible) + self.head(torch.cat([output.pooled, visible], 1))
 
     def labels(self, batch) -> Tensor:
         """The targets of a batch: class indices, standardised regression values or point classes."""
@@ -201,6 +215,15 @@ class FinetuneModule(L.LightningModule):
         from pcfm import __version__
 
         checkpoint[CHECKPOINT_MARKER] = {"version": __version__, "kind": "finetune"}
+
+
+def _without_calibration_path(state_dict, prefix, *args) -> None:
+    """A regression checkpoint from before the calibration path loads with that path at zero,
+    so it predicts exactly what it did."""
+    for name, shape in (("calibration.weight", (-1, 1)), ("calibration.bias", (-1,))):
+        if prefix + name not in state_dict and prefix + "head.3.bias" in state_dict:
+            n_targets = state_dict[prefix + "head.3.bias"].shape[0]
+            state_dict[prefix + name] = torch.zeros(n_targets, *shape[1:])
 
 
 def backbone_state(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
