@@ -164,11 +164,11 @@ class Sampler:
 
     @classmethod
     def parse(cls, spec) -> "Sampler":
-        parts = str(spec).split(":")
-        raw = len(parts) == 3 and parts[2] == "raw"
+        *head, steps = str(spec).split(":")
+        raw = steps == "raw" and len(head) == 2
         if raw:
-            parts = parts[:2]
-        name, steps = (["heun"] + parts)[-2:] if len(parts) <= 2 else (None, "")
+            head, steps = head[:1], head[1]
+        name = head[0] if len(head) == 1 else ("heun" if not head else None)
         if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
             raise ValueError(f"a sampler is NAME:STEPS[:raw] with NAME in {SAMPLERS} and STEPS >= 1, got {spec!r}")
         return cls(name, int(steps), not raw)

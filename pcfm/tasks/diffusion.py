@@ -71,7 +71,7 @@ from pcfm.nn import BackboneConfig
 from pcfm.nn.encoding import geometry_indices
 from pcfm.nn.tokenizer import segment_mean
 from pcfm.tasks.energy import EnergyTransform
-from pcfm.tasks.objective import Objective
+from pcfm.tasks.objective import Objective, load_missing_as_zeros
 
 #: Channels of the diffusion state: 3 scaled coordinates and the transformed energy.
 STATE_DIM = 4
@@ -267,6 +267,11 @@ def _with_points(template: Batch, pos: Tensor, x: Tensor) -> Batch:
     return cloud
 
 
+def _point_energies(data) -> Tensor:
+    """Point energies (MeV) of an event or batch: ``energy``, else ``exp(x[:, 0])``."""
+    return data.energy if "energy" in data else data.x[:, 0].exp()
+
+
 def _event_values(data, key: str, num_events: int, device) -> Tensor:
     value = getattr(data, key, None)
     if value is None:
@@ -340,7 +345,7 @@ class PointDiffusion(Objective):
         self.register_buffer("visible_energy_quantiles", torch.zeros(n_slots, n_bins, n_points_quantiles))
         self.register_buffer("visible_energy_events", torch.zeros(n_slots, n_bins, dtype=torch.long))
         self.register_buffer("points_energy_correlation", torch.zeros(n_slots))
-        self._register_load_state_dict_pre_hook(self._fill_later_buffers)
+        load_missing_as_zeros(self, LATER_BUFFERS)
 
         frequencies = torch.logspace(math.log10(NOISE_FREQUENCY_RANGE[0]), math.log10(NOISE_FREQUENCY_RANGE[1]),
                                      noise_frequencies)
@@ -361,11 +366,6 @@ class PointDiffusion(Objective):
             noise_frequencies=int(noise_frequencies), n_points_log10_range=[low, high],
             n_points_bins_per_decade=self.n_points_bins_per_decade, n_points_quantiles=int(n_points_quantiles),
             max_fit_events=self.max_fit_events)
-
-    def _fill_later_buffers(self, state_dict, prefix, *args) -> None:
-        """A checkpoint from before :data:`LATER_BUFFERS` existed loads with them unfitted."""
-        for name in LATER_BUFFERS:
-            state_dict.setdefault(prefix + name, getattr(self, name).clone().zero_())
 
     def config(self) -> dict[str, Any]:
         """Constructor keywords; the energy transform with its current statistics."""
@@ -426,7 +426,7 @@ class PointDiffusion(Objective):
         pos = batch.pos.float()
         if self.dequantize:  # in validation too: the same loss, on the same continuous data
             pos = dequantize_positions(pos, batch.x[:, 1:4].float(), point_batch, batch, num_events)
-        energy = batch.energy if "energy" in batch else batch.x[:, 0].exp()
+        energy = _point_energies(batch)
         clean = self.to_state(pos, energy, self._incident_per_point(batch, point_batch, num_events))
         sigma = (self.p_mean + self.p_std * torch.randn(num_events, device=pos.device)).exp()
         noisy = clean + torch.randn_like(clean) * sigma[point_batch][:, None]
@@ -516,7 +516,7 @@ class PointDiffusion(Objective):
             raise ValueError("cannot fit point diffusion: every event read is empty")
         if not bool(self.normalisation_fitted):
             pos = torch.cat([data.pos.double() for data in events])
-            energy = torch.cat([(data.energy if "energy" in data else data.x[:, 0].exp()).double()
+            energy = torch.cat([_point_energies(data).double()
                                 for data in events])
             incident = None
             if self.energy_transform.uses_incident_energy:
@@ -531,8 +531,7 @@ class PointDiffusion(Objective):
                           [float(_event_values(data, "incident_energy", 1, "cpu")) for data in events],
                           [data.geometry if isinstance(getattr(data, "geometry", None), str) else ""
                            for data in events],
-                          visible_energy=[float((data.energy if "energy" in data else data.x[:, 0].exp()).sum())
-                                          for data in events])
+                          visible_energy=[float(_point_energies(data).sum()) for data in events])
 
     def _energy_bin(self, log10_energy: np.ndarray) -> np.ndarray:
         low = self.n_points_log10_range[0]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pcfm.data import PARTICLE_CLASSES, PARTICLE_NAMES, SEMANTIC_CLASSES
 from pcfm.nn import Backbone, BackboneConfig, hide_condition
+from pcfm.tasks.objective import load_missing_as_zeros
 from pcfm.tasks.pretrain import CHECKPOINT_MARKER, check_finite, warmup_cosine
 
 TASKS = ("classification", "regression", "segmentation")
@@ -115,7 +116,8 @@ class FinetuneModule(L.LightningModule):
                 self.calibration.weight.copy_(torch.tensor(list(visible_energy_slope or [0.0] * len(targets)),
                                                            dtype=torch.float32)[:, None])
                 self.calibration.bias.zero_()
-            self._register_load_state_dict_pre_hook(_without_calibration_path)
+            # a regression checkpoint from before the calibration path predicts as it did
+            load_missing_as_zeros(self, ("calibration.weight", "calibration.bias"))
         else:
             n_classes = len(CLASS_NAMES[task])
             self.head = mlp_head(width, hidden, n_classes)
@@ -215,15 +217,6 @@ class FinetuneModule(L.LightningModule):
         from pcfm import __version__
 
         checkpoint[CHECKPOINT_MARKER] = {"version": __version__, "kind": "finetune"}
-
-
-def _without_calibration_path(state_dict, prefix, *args) -> None:
-    """A regression checkpoint from before the calibration path loads with that path at zero,
-    so it predicts exactly what it did."""
-    for name, shape in (("calibration.weight", (-1, 1)), ("calibration.bias", (-1,))):
-        if prefix + name not in state_dict and prefix + "head.3.bias" in state_dict:
-            n_targets = state_dict[prefix + "head.3.bias"].shape[0]
-            state_dict[prefix + name] = torch.zeros(n_targets, *shape[1:])
 
 
 def backbone_state(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

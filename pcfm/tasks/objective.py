@@ -11,9 +11,12 @@ training (:meth:`Objective.on_data`) must therefore be a buffer or part of its c
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
+
+import torch
 
 from torch import Tensor, nn
 
@@ -66,6 +69,18 @@ class Objective(nn.Module):
         it must be deterministic (seed any subsampling). Whatever is learnt must be a buffer or
         part of :meth:`config`. Default: nothing.
         """
+
+
+def load_missing_as_zeros(module: nn.Module, names: Sequence[str]) -> None:
+    """Let ``module`` load state dicts written before its entries ``names`` (parameters or
+    buffers, dotted) existed: an absent one loads as zeros, the value each of them reserves for
+    "not there", so an old checkpoint behaves as it did."""
+    def fill(state_dict, prefix, *args) -> None:
+        for name in names:
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(functools.reduce(getattr, name.split("."), module))
+
+    module._register_load_state_dict_pre_hook(fill)
 
 
 def get_objective_class(name: str) -> type[Objective]:
