@@ -145,7 +145,7 @@ CONFIGS: dict[str, dict] = {
                 batch1_showers=20, speed_cap_s=60.0, speed_devices=["cuda", "cpu"], bf16=True, accelerator="auto",
                 threads=None),
     # the smoke test: seconds, every code path, meaningless numbers.
-    "micro": dict(model={"preset": "tiny", "depth": 1, "num_tokens": 16}, steps=3, batch_points=3000, n_train=24,
+    "micro": dict(model={"preset": "tiny", "depth": 1}, steps=3, batch_points=3000, n_train=24,
                   energy_range=(1e3, 5e3), n_reference=16, samplers=["heun:2:raw", "dpmpp2m:2"], gen_batch_size=8,
                   adapt_n=[6, 12], adapt_steps=2, adapt_batch_points=3000, n_target_reference=16,
                   adapt_sampler="dpmpp2m:2", speed_samplers=["heun:2", "dpmpp2m:1"], batch_sizes=[1, 4, 8],

@@ -29,13 +29,12 @@ bf16 autocast. A row that fails records "error: ..." and the run goes on; a row 
 start after ``--budget`` seconds is skipped with the reason; results are rewritten after every
 row.
 
-Target (issue 4, H100): ragged events/s >= 2x padded on LArTPC-sized events. With a fixed number
-of tokens per event (the presets' ``num_tokens``) and events larger than it, every event has the
-same token count and padding wastes nothing; ``--token-ratio`` makes token counts follow the
-event sizes (as a point-budget-aware LArTPC model would), which is where padding costs.
+Target (issue 4, H100): ragged events/s >= 2x padded on LArTPC-sized events. Token counts
+follow the event sizes (a token per ``prod(stages)`` points, every point tokenised), so events
+of different sizes have different token counts, which is where padding costs.
 
     python benchmarks/pretrain_throughput.py [--device cuda|cpu] [--model tiny|small|base]
-        [--batch-points N] [--lartpc-points LO HI] [--token-ratio R] [--steps N] [--quick]
+        [--batch-points N] [--lartpc-points LO HI] [--steps N] [--quick]
         [--only showers|lartpc] [--budget SECONDS] [--out-dir DIR] [--threads N]
 
 Output: DIR/pretrain_throughput.json and DIR/pretrain_throughput.md (default
@@ -63,7 +62,7 @@ from torch_geometric.utils import to_dense_batch
 from _common import RESULTS_DIR, announce, markdown_table, write_results
 from pcfm.data.atomic import atomic_path
 from pcfm.engine.data import pretraining_item, simulate_pretraining_events
-from pcfm.nn import Backbone, GlobalAttention
+from pcfm.nn import BACKBONE_PRESETS, Backbone, GlobalAttention
 from pcfm.tasks.mpm import MaskedPointModelling, draw_mask
 
 BATCH_KINDS = ("showers", "lartpc")
@@ -85,7 +84,6 @@ class Options:
     model: str = "small"
     batch_points: int = 500_000
     lartpc_points: tuple[int, int] = (5000, 20_000)
-    token_ratio: Optional[float] = None
     steps: int = 10
     warmup: int = 2
     budget_s: float = 480.0
@@ -185,9 +183,8 @@ def head_batch(batch_set: BatchSet, events: int) -> Batch:
 
 def build(options: Options) -> tuple[Backbone, MaskedPointModelling, torch.optim.Optimizer]:
     """Backbone + MPM objective with seeded weights (the same for both variants) and AdamW."""
-    overrides = {"num_tokens": None, "token_ratio": options.token_ratio} if options.token_ratio else {}
     torch.manual_seed(options.seed)
-    backbone = Backbone.from_preset(options.model, **overrides)
+    backbone = Backbone.from_preset(options.model)
     objective = MaskedPointModelling(backbone.config)
     backbone.to(options.device)
     objective.to(options.device)
@@ -218,7 +215,7 @@ def synchronize(device: torch.device) -> None:
 def token_stats(backbone: Backbone, objective: MaskedPointModelling, batch: Batch, options: Options) -> dict:
     """Tokens per event and the share of padding in the (B, Lmax) tensors of encoder and decoder."""
     with torch.no_grad():
-        tokens = backbone.tokenize(batch)
+        tokens = backbone.group(batch)
         hidden = draw_mask(tokens.ptr, objective.mask_ratio, mask_generator(options))
     counts = (tokens.ptr[1:] - tokens.ptr[:-1]).cpu()
     visible = torch.bincount(tokens.batch[~hidden].cpu(), minlength=counts.numel())
@@ -425,7 +422,7 @@ def table_rows(rows: list) -> list[dict]:
 def report(run: Run) -> str:
     options = run.options
     device = run.machine.get("gpu", options.device.type)
-    tokens = f"token_ratio {options.token_ratio:g}" if options.token_ratio else "preset num_tokens"
+    tokens = f"tokens of at most {BACKBONE_PRESETS[options.model].group_size} points"
     lines = ["## Masked point modelling training throughput (`benchmarks/pretrain_throughput.py`)", "",
              f"`{run.command}` — {device}, torch {torch.__version__}, model {options.model} ({tokens}), "
              f"{'bf16 autocast' if options.autocast else 'float32'}, batches of up to {options.batch_points} points "
@@ -458,8 +455,6 @@ def parse_options(argv: Optional[list[str]] = None) -> tuple[Options, Optional[P
     parser.add_argument("--batch-points", type=int, help="point budget of a batch (default 500000 CUDA, 3000 CPU)")
     parser.add_argument("--lartpc-points", type=int, nargs=2, metavar=("LO", "HI"),
                         help="points per LArTPC event (default 5000 20000 CUDA, 500 1500 CPU)")
-    parser.add_argument("--token-ratio", type=float, help="tokens = ceil(ratio x points) per event instead of the "
-                                                          "preset's fixed num_tokens")
     parser.add_argument("--steps", type=int, help="timed steps (default 10 CUDA, 2 CPU; 3 / 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps and one warm-up step")
     parser.add_argument("--only", choices=BATCH_KINDS)
@@ -479,7 +474,7 @@ def parse_options(argv: Optional[list[str]] = None) -> tuple[Options, Optional[P
     options = Options(device=device, model=args.model or ("small" if gpu else "tiny"),
                       batch_points=args.batch_points or (500_000 if gpu else 3000),
                       lartpc_points=tuple(args.lartpc_points or ((5000, 20_000) if gpu else (500, 1500))),
-                      token_ratio=args.token_ratio, steps=steps, warmup=1 if args.quick else 2,
+                      steps=steps, warmup=1 if args.quick else 2,
                       budget_s=args.budget, only=args.only)
     return options, args.out_dir
 

@@ -163,7 +163,7 @@ CONFIGS: dict[str, dict] = {
                 finetune_lartpc_steps=1000, finetune_batch_points=50_000, finetune_lartpc_batch_points=100_000,
                 n_test=5000, n_lartpc_test=1000, eval_batch_points=200_000, accelerator="auto", threads=None),
     # the smoke test: seconds, every code path, meaningless numbers.
-    "micro": dict(models=[{"preset": "tiny", "depth": 1, "num_tokens": 16}], seeds=[0], n_labels=[6, 12],
+    "micro": dict(models=[{"preset": "tiny", "depth": 1}], seeds=[0], n_labels=[6, 12],
                   target_labels=(6, 12), energy_range=(1e3, 5e3), lartpc_points=(200, 400), pretrain_steps=3,
                   pretrain_lartpc_steps=3, pretrain_batch_points=4000, n_source=40, n_lartpc_pretrain=12,
                   finetune_steps=3, finetune_lartpc_steps=3, finetune_batch_points=3000,

@@ -133,12 +133,15 @@ class FinetuneDataModule(PretrainDataModule):
         test_fraction: share of the labelled events held out for testing (ignored with ``test_data``).
         test_data: a separate test set (files, a list of ``Data`` or a dataset): every usable
             event of it is tested, and none of ``data`` is held out for testing.
+        val_data: a separate validation set, likewise: every usable event of it validates, and
+            none of ``data`` is held out for validation (``val_fraction`` is ignored).
         **options: :class:`~pcfm.engine.data.PretrainDataModule` keywords (``geometry``,
             ``n_events``, ``val_fraction``, ``batch_points``, ``seed``, ``particles``, ...).
     """
 
     def __init__(self, data: Any = None, *, task: str, targets: Sequence[str] = ("incident_energy",),
-                 n_labels: Optional[int] = None, test_fraction: float = 0.2, test_data: Any = None, **options):
+                 n_labels: Optional[int] = None, test_fraction: float = 0.2, test_data: Any = None,
+                 val_data: Any = None, **options):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
         if data is None and options.get("geometry") is None:
@@ -148,6 +151,7 @@ class FinetuneDataModule(PretrainDataModule):
             raise ValueError(f"n_labels must be >= 1, got {n_labels}")
         self.task, self.targets = task, tuple(targets)
         self.n_labels, self.test_fraction, self.test_data = n_labels, float(test_fraction), test_data
+        self.val_data = val_data
         self.label_field = {"classification": "y", "segmentation": "semantic"}.get(task)
         self.test_dataset: Optional[LabelledView] = None
         self._test_sizes = None
@@ -186,17 +190,9 @@ class FinetuneDataModule(PretrainDataModule):
         """Open (or simulate) the data once and split it into train (n_labels), validation and test."""
         if self.dataset is not None:
             return
-        test_dataset = test = None
-        if self.test_data is not None:  # before the training data: _usable keeps the last one's classes
-            test_dataset = self._open_given(self.test_data, "test_data")
-            self._test_sizes = event_sizes(test_dataset)
-            try:
-                test = self._usable(test_dataset, np.flatnonzero(self._test_sizes >= self.min_points))
-            except DataError as error:  # say which of the two data sets holds the bad event
-                raise DataError(f"{error.problem} (in test_data)", error.path, error.event) from None
-            if len(test) == 0:
-                raise DataError(f"test_data has no event with a usable {self.task} label and at least "
-                                f"min_points={self.min_points} points (of {len(self._test_sizes)} events)")
+        # the given sets before the training data: _usable keeps the last one's classes
+        test_dataset, test, test_sizes = self._given_set(self.test_data, "test_data")
+        val_dataset, val, val_sizes = self._given_set(self.val_data, "val_data")
         dataset = self._open()
         sizes = event_sizes(dataset)
         labelled = self._usable(dataset, np.flatnonzero(sizes >= self.min_points))
@@ -205,10 +201,14 @@ class FinetuneDataModule(PretrainDataModule):
                             f"min_points={self.min_points} points (of {len(sizes)} events): need 2")
         if test is None:
             pool, test = split_indices(labelled, self.test_fraction, self.seed)
-            test_dataset, self._test_sizes = dataset, sizes
+            test_dataset, test_sizes = dataset, sizes
         else:
             pool = labelled
-        train, val = split_indices(pool, self.val_fraction, self.seed + 1)
+        if val is None:
+            train, val = split_indices(pool, self.val_fraction, self.seed + 1)
+            val_dataset, val_sizes = dataset, sizes
+        else:
+            train = pool
         if self.n_labels is not None:
             if self.n_labels > len(train):
                 raise ValueError(f"n_labels={self.n_labels} but only {len(train)} training events are available")
@@ -217,9 +217,25 @@ class FinetuneDataModule(PretrainDataModule):
             else:
                 train = np.sort(np.random.default_rng(self.seed).choice(train, self.n_labels, replace=False))
         self.dataset = dataset
-        self.train_dataset, self.val_dataset = (LabelledView(dataset, part, self.label_field) for part in (train, val))
+        self.train_dataset = LabelledView(dataset, train, self.label_field)
+        self.val_dataset = LabelledView(val_dataset, val, self.label_field)
         self.test_dataset = LabelledView(test_dataset, test, self.label_field)
-        self._train_sizes, self._val_sizes, self._test_sizes = sizes[train], sizes[val], self._test_sizes[test]
+        self._train_sizes, self._val_sizes, self._test_sizes = sizes[train], val_sizes[val], test_sizes[test]
+
+    def _given_set(self, data: Any, name: str) -> tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]:
+        """A separately given test or validation set: (dataset, usable events, sizes), or Nones."""
+        if data is None:
+            return None, None, None
+        dataset = self._open_given(data, name)
+        sizes = event_sizes(dataset)
+        try:
+            usable = self._usable(dataset, np.flatnonzero(sizes >= self.min_points))
+        except DataError as error:  # say which of the data sets holds the bad event
+            raise DataError(f"{error.problem} (in {name})", error.path, error.event) from None
+        if len(usable) == 0:
+            raise DataError(f"{name} has no event with a usable {self.task} label and at least "
+                            f"min_points={self.min_points} points (of {len(sizes)} events)")
+        return dataset, usable, sizes
 
     def test_dataloader(self) -> DataLoader:
         sampler = PointBudgetBatchSampler(self._test_sizes, self.batch_points, shuffle=False,
@@ -319,9 +335,9 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
              model: str | BackboneConfig | Mapping[str, Any] = "tiny", mode: str = "full",
              n_labels: Optional[int] = None, geometry: str | Sequence[str] | None = None, n_events: int = 1024,
              targets: Sequence[str] = ("incident_energy",), test_fraction: float = 0.2, test_data: Any = None,
-             val_fraction: float = 0.1,
+             val_fraction: float = 0.1, val_data: Any = None, class_names: Optional[Sequence[str]] = None,
              max_steps: int = 500, batch_points: int = 20_000, lr: float = 5e-4, backbone_lr_scale: float = 0.1,
-             warmup_steps: Optional[int] = None, weight_decay: float = 0.05,
+             warmup_steps: Optional[int] = None, weight_decay: float = 0.05, augment: bool = True,
              workdir: str | os.PathLike = "pcfm_runs/finetune", resume: bool = True, patience: Optional[int] = None,
              seed: int = 0, accelerator: str = "auto",
              devices: Any = "auto", precision: Optional[str] = None, num_workers: int = 0,
@@ -352,9 +368,16 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
             training and validation (``test_fraction`` is ignored). It is not part of the run's
             settings: a finished run can be tested again on other events.
         val_fraction: share of the remaining events used for the validation loss (0: none).
+        val_data: a separate labelled validation set instead (as ``test_data``); ``val_fraction``
+            is ignored. Like ``test_data`` it is not part of the run's settings.
+        class_names: classification only: the names of the classes of ``y`` (default: the
+            particle classes electron, photon, pion); ``y`` counts from 0 in this order.
         max_steps: optimiser steps. batch_points: point budget of a batch.
         lr: head learning rate. backbone_lr_scale: backbone lr / lr in "layerwise" mode.
         warmup_steps: linear warm-up (default ``min(50, max_steps // 10)``). weight_decay: AdamW's.
+        augment: train on each event in a random symmetry of its detector (rotations about a
+            calorimeter's axis by whole angular bins and a reflection; reflections and axis swaps of
+            a LArTPC volume: :func:`pcfm.data.augment.augment_by_symmetry`).
         workdir: folder of the checkpoints (``checkpoints/last.ckpt``, ``checkpoints/best.ckpt``),
             logs and ``metrics.json``.
         resume: continue from ``workdir/checkpoints/last.ckpt`` when it exists (a finished run
@@ -394,7 +417,8 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     workdir = Path(workdir)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = FinetuneDataModule(data, task=task, targets=targets, n_labels=n_labels,
-                                    test_fraction=test_fraction, test_data=test_data, geometry=geometry,
+                                    test_fraction=test_fraction, test_data=test_data, val_data=val_data,
+                                    geometry=geometry,
                                     n_events=n_events,
                                     val_fraction=val_fraction, batch_points=batch_points, num_workers=num_workers,
                                     seed=seed, **dict(data_options or {}))
@@ -402,7 +426,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     validating = len(datamodule.val_dataset) > 0
     if patience is not None and not validating:
         raise ValueError(f"patience={patience} stops on the validation loss, but there are no validation events "
-                         f"(val_fraction={val_fraction}); give val_fraction > 0 or patience=None")
+                         f"(val_fraction={val_fraction}); give val_fraction > 0, val_data or patience=None")
     separate_test = test_data is not None
     names = ("train", "val") if separate_test else ("train", "val", "test")
     parts = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)[:len(names)]
@@ -413,11 +437,12 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         "backbone": config.to_dict(), "targets": list(targets) if task == "regression" else None,
         "geometry": geometry, "n_events": n_events if data is None else None,
         "data_options": dict(data_options or {}), "test_fraction": None if separate_test else test_fraction,
-        "val_fraction": val_fraction,
+        "val_fraction": None if val_data is not None else val_fraction, "val_data": val_data is not None,
+        "class_names": None if class_names is None else list(class_names),
         "split": _digest([(name, np.asarray(part.indices)) for name, part in zip(names, parts)]
                          + [(f"{name}_sizes", np.asarray(size)) for name, size in zip(names, sizes)]),
         "max_steps": max_steps, "batch_points": batch_points, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-        "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "augment": augment,
         "val_every_n_steps": val_every if validating else None, "patience": patience,
     })
 
@@ -438,7 +463,8 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         statistics["class_weights"] = datamodule.class_weights()
     module = FinetuneModule(config, task=task, mode=mode, targets=targets, lr=lr,
                             backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
-                            warmup_steps=warmup_steps, max_steps=max_steps, **statistics)
+                            warmup_steps=warmup_steps, max_steps=max_steps, augment=augment, augment_seed=seed,
+                            class_names=class_names if task == "classification" else None, **statistics)
     if weights is not None:
         module.backbone.load_state_dict(weights)
     run_callbacks: list[L.Callback] = [FinetuneRun(settings, max_steps)]
@@ -489,7 +515,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
 
     batches = evaluator.predict(module, dataloaders=datamodule.test_dataloader())
     prediction, truth = (torch.cat([batch[key] for batch in batches]).numpy() for key in ("prediction", "truth"))
-    metrics = task_metrics(task, prediction, truth, targets)
+    metrics = task_metrics(task, prediction, truth, targets, class_names=class_names)
     metrics.update(n_train=len(datamodule.train_dataset), n_test=len(datamodule.test_dataset))
     record = {"task": task, "mode": mode, "n_labels": n_labels, "targets": list(targets) if task == "regression"
               else None, "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,

@@ -37,7 +37,7 @@ def test_two_ranks_see_disjoint_events_and_end_with_the_same_weights(tmp_path):
 
     result = pretrain(workdir=tmp_path / "run", max_steps=steps_per_epoch + 1, accelerator="cpu", devices=2,
                       strategy="ddp_spawn", callbacks=[RecordRank(tmp_path)], progress=False,
-                      model={"preset": "tiny", "depth": 1, "num_tokens": 16},
+                      model={"preset": "tiny", "depth": 1},
                       objective_options={"mpm": {"decoder_depth": 1}}, **SETTINGS)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

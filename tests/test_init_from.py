@@ -8,7 +8,7 @@ from pcfm.data import ShowerDataset
 from pcfm.sim import simulate_showers
 from pcfm.tasks.pretrain import CheckpointError, PretrainModule
 
-MODEL = {"preset": "tiny", "depth": 1, "num_tokens": 16}
+MODEL = {"preset": "tiny", "depth": 1}
 FAST = dict(batch_points=1500, val_fraction=0.0, progress=False, deterministic=True, log_every_n_steps=1)
 
 

@@ -59,19 +59,27 @@ def test_chamfer_distance_on_a_hand_made_example_with_padding_and_weights():
     assert chamfer_distance(prediction, target, torch.zeros_like(valid)).item() == 0.0
 
 
-def test_targets_are_the_hidden_groups_points_relative_to_their_centre(shower_batch):
+def test_targets_are_the_hidden_tokens_points_relative_to_their_position(shower_batch):
     backbone, objective = tiny()
-    tokens = backbone.tokenize(shower_batch)
+    tokens = backbone.group(shower_batch)
     hidden = draw_mask(tokens.ptr, 0.6, torch.Generator().manual_seed(0))
-    offset, log_energy, valid = hidden_group_targets(shower_batch, tokens, hidden, 16, 10.0)
-    first = int(torch.nonzero(hidden)[0])
-    members = tokens.group_point[tokens.group_token == first]
-    count = len(members)
-    assert valid[0].sum() == count
-    expected = (shower_batch.pos[members] - tokens.pos[first]) / 10.0
-    assert torch.allclose(offset[0, :count], expected)
-    assert torch.equal(log_energy[0, :count], shower_batch.x[members, 0])
+    offset, log_energy, valid, log_scale = hidden_group_targets(tokens, hidden, 16)
     assert valid.shape[0] == hidden.sum()
+    # Every point of every hidden token is a target, once.
+    assert valid.sum() == int(hidden[tokens.group_token].sum())
+    first = int(torch.nonzero(hidden)[0])
+    serial = tokens.group_token == first
+    members = tokens.group_point[serial]
+    assert valid[0].sum() == len(members)
+    relative = tokens.point_pos[serial] - tokens.pos[first]
+    scale = relative.square().sum(1).mean().sqrt()
+    torch.testing.assert_close(log_scale[0], scale.log())
+    torch.testing.assert_close(offset[0, :len(members)], relative / scale)
+    assert torch.equal(log_energy[0, :len(members)], shower_batch.x[members, 0])
+    # Offsets are normalised: each group's mean squared offset is 1 (groups of 2+ distinct points).
+    mean_square = (offset.square().sum(-1) * valid).sum(1) / valid.sum(1)
+    several = valid.sum(1) >= 2
+    torch.testing.assert_close(mean_square[several], torch.ones(int(several.sum())), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["shower_batch", "lartpc_batch"])
@@ -79,47 +87,45 @@ def test_loss_is_finite_on_showers_and_lartpc_events(name, request):
     batch = request.getfixturevalue(name)
     backbone, objective = tiny()
     terms = objective.loss(backbone, batch)
-    assert set(terms) == {"loss", "chamfer", "point_energy", "total_energy", "hidden_fraction"}
+    assert set(terms) == {"loss", "chamfer", "scale", "point_energy", "total_energy", "hidden_fraction"}
     assert all(torch.isfinite(value) for value in terms.values())
     assert terms["loss"].item() == pytest.approx(
-        sum(terms[key].item() for key in ("chamfer", "point_energy", "total_energy")), rel=1e-5)
+        sum(terms[key].item() for key in ("chamfer", "scale", "point_energy", "total_energy")), rel=1e-5)
     terms["loss"].backward()
-    assert backbone.tokenizer.first[0].weight.grad.abs().sum() > 0
+    assert backbone.tokenizer.embed[0].weight.grad.abs().sum() > 0
 
 
 def test_energy_weighted_chamfer_changes_only_the_chamfer_term(shower_batch):
-    backbone, plain = tiny()
-    weighted = MaskedPointModelling(backbone.config, decoder_depth=1, energy_weighted_chamfer=True)
-    weighted.load_state_dict(plain.state_dict())
+    backbone, weighted = tiny()
+    plain = MaskedPointModelling(backbone.config, decoder_depth=1, energy_weighted_chamfer=False)
+    plain.load_state_dict(weighted.state_dict())
     a = plain.loss(backbone, shower_batch, generator=torch.Generator().manual_seed(2))
     b = weighted.loss(backbone, shower_batch, generator=torch.Generator().manual_seed(2))
     assert a["point_energy"].item() == pytest.approx(b["point_energy"].item())
     assert a["chamfer"].item() != pytest.approx(b["chamfer"].item())
 
 
-def test_hidden_groups_do_not_reach_the_encoder(shower_batch):
-    """Changing the energies of points that only hidden groups hold changes nothing predicted."""
+def test_hidden_tokens_do_not_reach_the_encoder(shower_batch):
+    """Changing the energies of the hidden tokens' points changes nothing predicted."""
     backbone, objective = tiny()
     backbone.eval()
-    tokens = backbone.tokenize(shower_batch)
-    hidden = draw_mask(tokens.ptr, 0.6, torch.Generator().manual_seed(0))
-    visible_points = tokens.group_point[~hidden[tokens.group_token]]
-    only_hidden = torch.ones(shower_batch.num_nodes, dtype=torch.bool)
-    only_hidden[visible_points] = False
-    assert only_hidden.sum() > 50
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden = objective.masked_tokens(backbone, shower_batch, generator)
+    hidden_points = tokens.group_point[hidden[tokens.group_token]]
+    assert hidden_points.numel() > 50
 
     changed = shower_batch.clone()
     changed.x = changed.x.clone()
-    changed.x[only_hidden, 0] += 3.0  # 20 times the energy; positions (so tokens) unchanged
-    changed_tokens = backbone.tokenize(changed)
-    assert torch.equal(changed_tokens.pos, tokens.pos)
-    assert not torch.allclose(changed_tokens.features[hidden], tokens.features[hidden])  # the change is seen
+    changed.x[hidden_points, 0] += 3.0  # 20 times the energy; positions (so groups) unchanged
+    changed_tokens, changed_hidden = objective.masked_tokens(backbone, changed, torch.Generator().manual_seed(0))
+    assert torch.equal(changed_hidden, hidden) and torch.equal(changed_tokens.pos, tokens.pos)
     with torch.no_grad():
         before = objective.predict(backbone, tokens, hidden)
         after = objective.predict(backbone, changed_tokens, hidden)
-        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+        assert all(torch.equal(b, a) for b, a in zip(before, after))
         # Without the mask the encoder does see it: the test can fail.
-        assert not torch.allclose(backbone.encode(tokens), backbone.encode(changed_tokens))
+        assert not torch.allclose(backbone.encode(backbone.tokenize(shower_batch)),
+                                  backbone.encode(backbone.tokenize(changed)))
 
 
 def test_loss_decreases_on_a_fixed_batch(shower_batch):
@@ -141,7 +147,7 @@ def test_registry_and_config_round_trip():
     cls = get_objective_class("mpm")
     assert cls is MaskedPointModelling
     backbone = Backbone.from_preset("tiny")
-    objective = MaskedPointModelling(backbone.config, mask_ratio=0.4, decoder_depth=1, energy_weighted_chamfer=True)
+    objective = MaskedPointModelling(backbone.config, mask_ratio=0.4, decoder_depth=1, energy_weighted_chamfer=False)
     rebuilt = cls.from_config(objective.config(), backbone.config)
     assert rebuilt.config() == objective.config()
     assert rebuilt.state_dict().keys() == objective.state_dict().keys()

@@ -8,9 +8,12 @@ from torch_geometric.data import Batch
 
 import pcfm.data
 import pcfm.sim
-from pcfm.nn import BACKBONE_PRESETS, Backbone, BackboneConfig, condition_features, preset_parameter_counts
+import pcfm.geometry
+from pcfm.nn import (BACKBONE_PRESETS, Backbone, BackboneConfig, condition_features, preset_parameter_counts,
+                     token_coverage)
 from pcfm.nn.blocks import AdaptiveLayerNorm
 from pcfm.nn.encoding import FourierFeatures, geometry_indices
+from pcfm.nn.serialization import group_levels, serial_order
 
 POINT_FIELDS = ("pos", "x", "energy", "cell", "semantic", "particle_id")
 
@@ -26,13 +29,6 @@ def take_points(data, index):
     for name in POINT_FIELDS:
         if name in data:
             data[name] = data[name][index]
-    return data
-
-
-def snapped(data, step=0.125):
-    """``data`` with positions on a grid of ``step`` mm, so that integer shifts are exact in float32."""
-    data = data.clone()
-    data.pos = torch.round(data.pos / step) * step
     return data
 
 
@@ -97,32 +93,79 @@ def test_shapes_on_ragged_batch_with_one_point_and_empty_events(model, ds2):
     config = model.config
     sizes = [event.num_nodes for event in events]
     assert sizes[1] == 1 and sizes[3] == 0
-    token_counts = [min(n, config.num_tokens) for n in sizes]
+    # Groups of about 4 points, then of about 4 groups: ceil(ceil(n / 4) / 4) tokens per event.
+    token_counts = [math.ceil(math.ceil(n / 4) / 4) for n in sizes]
     assert (output.token_ptr.diff() == torch.tensor(token_counts)).all()
     assert output.token_features.shape == (sum(token_counts), config.width)
     assert output.point_features.shape == (batch.num_nodes, config.width)
     assert output.pooled.shape == (5, config.width)
     for tensor in (output.token_features, output.point_features, output.pooled):
         assert torch.isfinite(tensor).all()
-    # The 1-point event has one token centred on its point, grouping just that point.
     tokens = output.tokens
-    one = int(output.token_ptr[1])
-    assert tokens.centre_point[one] == batch.ptr[1]
-    assert tokens.group_point[tokens.group_token == one].tolist() == [int(batch.ptr[1])]
-    # Every group holds min(group_size, n) points of its own event, its centre among them.
-    members = torch.bincount(tokens.group_token, minlength=len(tokens.pos))
-    assert (members == torch.tensor(sizes)[tokens.batch].clamp(max=config.group_size)).all()
+    # Every point is in exactly one token of its own event, no token holds more than group_size.
+    assert sorted(tokens.group_point.tolist()) == list(range(batch.num_nodes))
     assert (batch.batch[tokens.group_point] == tokens.batch[tokens.group_token]).all()
-    is_centre = tokens.group_point == tokens.centre_point[tokens.group_token]
-    assert (torch.bincount(tokens.group_token[is_centre], minlength=len(tokens.pos)) == 1).all()
-    assert torch.equal(tokens.pos, batch.pos[tokens.centre_point])
+    members = torch.bincount(tokens.group_token, minlength=len(tokens.pos))
+    assert members.min() >= 1 and members.max() <= config.group_size == 16
+    # A token sits at the mean frame position of its points; the 1-point event's at its point.
+    one = int(output.token_ptr[1])
+    assert tokens.group_point[tokens.group_token == one].tolist() == [int(batch.ptr[1])]
+    torch.testing.assert_close(tokens.pos[one], tokens.point_pos[tokens.group_token == one][0])
+    assert token_coverage(model, batch) == 1.0
 
 
-def test_token_ratio_sets_tokens_per_event(ds2):
-    model = Backbone.from_preset("tiny", num_tokens=None, token_ratio=0.05).eval()
-    output = run(model, ds2[:3])
-    sizes = torch.tensor([event.num_nodes for event in ds2[:3]])
-    assert (output.token_ptr.diff() == torch.ceil(sizes * 0.05).long()).all()
+def test_groups_are_compact_and_nested():
+    """Serial groups: near-equal sizes per level, each level inside one parent, and compact in space."""
+    coordinates = torch.rand(1000, 3) * torch.tensor([4.0, 4.0, 30.0])
+    batch = torch.zeros(1000, dtype=torch.long)
+    levels = group_levels(torch.zeros(1000, dtype=torch.long), 1, (4, 4))
+    assert [level.batch.numel() for level in levels] == [1000, 250, 63]
+    sizes = torch.bincount(levels[1].parent)
+    assert sizes.min() >= 3 and sizes.max() <= 4
+    order = serial_order(coordinates, batch, 1)
+    assert sorted(order.tolist()) == list(range(1000))
+    # Consecutive points on the curve are far closer than random pairs.
+    step = (coordinates[order][1:] - coordinates[order][:-1]).norm(dim=1).median()
+    random_pair = (coordinates[1:] - coordinates[:-1]).norm(dim=1).median()
+    assert step < 0.25 * random_pair
+
+
+def test_material_frame_makes_siw_and_scipb_meshes_alike():
+    """ds2 (SiW) and par04-scipb (Pb/scintillator) cells differ 3-4x in mm but not in X0 and R_M."""
+    import pcfm.geometry as geometries
+    from pcfm.nn import detector_coordinates
+
+    ds2, scipb = geometries.get("calochallenge-ds2"), geometries.get("par04-scipb")
+    cells = torch.arange(ds2.n_cells)
+    positions = {name: torch.from_numpy(g.centers(cells.numpy())).float() for name, g in
+                 (("ds2", ds2), ("scipb", scipb))}
+    assert positions["scipb"][:, 2].max() > 3 * positions["ds2"][:, 2].max()
+    batch = torch.zeros(ds2.n_cells, dtype=torch.long)
+    units = {name: detector_coordinates(positions[name], batch, [geometry])[0]
+             for name, geometry in (("ds2", "calochallenge-ds2"), ("scipb", "par04-scipb"))}
+    torch.testing.assert_close(units["scipb"], units["ds2"], rtol=0.03, atol=0.02)  # layers: 0.78 vs 0.80 X0
+    # Depth in X0 from the front face: 45 layers of about 0.8 X0; the first cell centre at 0.4 X0.
+    assert units["ds2"][:, 2].min() == pytest.approx(0.40, abs=0.01)
+    assert units["ds2"][:, 2].max() == pytest.approx(44.5 * 0.805, rel=0.02)
+    # A LArTPC voxel at the centre of the volume is at the origin; a wall 8.2 X0 (1152 mm) away.
+    lartpc = geometries.get("lartpc-768").material_frame
+    centre = lartpc.to_units(torch.tensor([[1152.0, 1152.0, 0.0]]))
+    torch.testing.assert_close(centre, torch.tensor([[0.0, 0.0, -1152.0 / 140.0]]))
+
+
+def test_a_shower_one_radiation_length_deeper_is_seen(model, ds2):
+    """The frame is absolute in depth: a shower moved 1 X0 deeper (or off the axis) changes the output."""
+    event = ds2[20]
+    x0_mm = pcfm.geometry.get("calochallenge-ds2").layers[0].structure.x0_mm
+    reference = run(model, [event])
+    for shift in ([0.0, 0.0, x0_mm], [pcfm.geometry.get("calochallenge-ds2").layers[0].structure.moliere_radius_mm,
+                                       0.0, 0.0]):
+        moved = event.clone()
+        moved.pos = moved.pos + torch.tensor(shift)
+        output = run(model, [moved])
+        change = (output.pooled - reference.pooled).norm() / reference.pooled.norm()
+        assert change > 0.02, (shift, change)
+        assert (output.point_features - reference.point_features).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["showers", "lartpc"])
@@ -143,7 +186,7 @@ def test_events_do_not_leak_into_each_other(model, ds2):
     a, b, b_other, c = (jittered(ds2[i], i) for i in (7, 8, 10, 9))
     before = run(model, [a, b, c])
     after = run(model, [a, b_other, c])
-    assert not torch.allclose(event_slice(before, 1), event_slice(after, 1))
+    assert not torch.allclose(before.pooled[1], after.pooled[1])
     for event in (0, 2):
         torch.testing.assert_close(event_slice(after, event), event_slice(before, event))
         torch.testing.assert_close(after.pooled[event], before.pooled[event])
@@ -151,20 +194,17 @@ def test_events_do_not_leak_into_each_other(model, ds2):
     torch.testing.assert_close(after.point_features[-c.num_nodes:], before.point_features[-c.num_nodes:])
 
 
-@pytest.mark.parametrize("kind", ["showers", "lartpc"])
-def test_shifting_an_event_changes_nothing(model, ds2, lartpc, kind):
-    events = [snapped(ds2[11]), snapped(ds2[12])] if kind == "showers" else lartpc
-    shifts = torch.tensor([[37.0, -120.0, 500.0], [-300.0, 150.0, 600.0]])
-    moved = []
-    for event, shift in zip(events, shifts):
-        event = event.clone()
+def test_a_shifted_lartpc_event_keeps_its_groups(model, lartpc):
+    """LArTPC physics is translation invariant: a shifted event is cut into the same groups (its
+    absolute position in the volume is one more input, so the features may change)."""
+    shift = torch.tensor([35.0 * 256, -12.0 * 256, 7.0 * 256]) * 140.0 / 256  # whole curve-grid steps
+    moved = [event.clone() for event in lartpc]
+    for event in moved:
         event.pos = event.pos + shift
-        moved.append(event)
-    reference, shifted = run(model, events), run(model, moved)
-    torch.testing.assert_close(shifted.token_pos - reference.token_pos, shifts[reference.token_batch])
-    torch.testing.assert_close(shifted.token_features, reference.token_features, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(shifted.point_features, reference.point_features, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(shifted.pooled, reference.pooled, atol=2e-4, rtol=1e-4)
+    reference, shifted = (model.group(Batch.from_data_list(events)) for events in (lartpc, moved))
+    assert torch.equal(reference.group_point, shifted.group_point)
+    assert torch.equal(reference.group_token, shifted.group_token)
+    torch.testing.assert_close(shifted.pos - reference.pos, (shift / 140.0).expand_as(reference.pos))
 
 
 def test_one_model_runs_on_several_geometries(model, ds2, scipb, lartpc):
@@ -177,9 +217,9 @@ def test_one_model_runs_on_several_geometries(model, ds2, scipb, lartpc):
     # Different geometries share a batch, and each event comes out as when batched alone.
     mixed = run(model, ds2[:2] + scipb[:2])
     torch.testing.assert_close(mixed.pooled, torch.cat([alone["ds2"].pooled, alone["scipb"].pooled]))
-    # par04-scipb cells are about 3x the size of ds2 cells: the tokens span it.
+    # In material units a par04-scipb shower spans about the depth of a ds2 one (in mm, 4x).
     extent = lambda output: (output.token_pos.max(0).values - output.token_pos.min(0).values)[2]  # noqa: E731
-    assert extent(alone["scipb"]) > 2 * extent(alone["ds2"])
+    assert 0.4 < extent(alone["scipb"]) / extent(alone["ds2"]) < 2.5
 
 
 def test_condition_features_from_data(ds2, lartpc):
@@ -204,7 +244,6 @@ def test_conditioning_is_off_at_init_and_acts_once_learned(ds2):
     other = base.clone()
     other.incident_energy = base.incident_energy * 50
     other.theta = torch.full_like(base.theta, math.nan)
-    other.geometry = ["par04-scipb", "my-detector"]
     with torch.no_grad():
         assert torch.equal(model(base).pooled, model(other).pooled)  # zero-initialised AdaLN
         randomise_modulation(model)
@@ -229,13 +268,28 @@ def test_masked_encoding_sees_only_the_kept_tokens(model, ds2):
         tampered.features = torch.where(keep[:, None], tokens.features, torch.randn_like(tokens.features))
         torch.testing.assert_close(model.encode(tampered, keep), visible)
         assert not torch.allclose(model.encode(tampered)[keep], model.encode(tokens)[keep])
-    # select() keeps the groups of kept tokens, renumbered.
+    # select() keeps the kept tokens' positions and events, and no hierarchy to decode.
     kept = tokens.select(keep)
-    old_index = keep.nonzero().squeeze(1)
-    assert torch.equal(kept.centre_point, tokens.centre_point[keep])
-    assert torch.equal(kept.group_point, tokens.group_point[keep[tokens.group_token]])
-    assert torch.equal(old_index[kept.group_token], tokens.group_token[keep[tokens.group_token]])
+    assert torch.equal(kept.pos, tokens.pos[keep]) and kept.skips is None
     assert torch.equal(kept.ptr.diff(), torch.bincount(tokens.batch[keep], minlength=3))
+
+
+def test_embedding_only_visible_tokens_hides_the_others_points(model, ds2):
+    """With ``visible``, what the hidden tokens' points hold reaches no visible token."""
+    batch = Batch.from_data_list(ds2[13:16])
+    with torch.no_grad():
+        grouped = model.group(batch)
+        visible = torch.rand(len(grouped.pos), generator=torch.Generator().manual_seed(0)) > 0.6
+        hidden_points = grouped.group_point[~visible[grouped.group_token]]
+        changed = batch.clone()
+        changed.x = changed.x.clone()
+        changed.x[hidden_points, 0] += 3.0
+        a = model.embed(model.group(batch), batch, visible=visible).features[visible]
+        b = model.embed(model.group(changed), changed, visible=visible).features[visible]
+        torch.testing.assert_close(a, b)
+        # Embedding every token, the change does reach visible ones (the test can fail).
+        full_a, full_b = model.tokenize(batch).features[visible], model.tokenize(changed).features[visible]
+        assert not torch.allclose(full_a, full_b)
 
 
 def test_gradients_reach_every_parameter(ds2):
@@ -263,8 +317,8 @@ def test_bf16_autocast_runs_close_to_float32(model, ds2):
 
 def test_preset_parameter_counts():
     counts = preset_parameter_counts()
-    assert 0.3e6 <= counts["tiny"] <= 0.5e6
-    assert 5e6 <= counts["small"] <= 10e6
+    assert 0.3e6 <= counts["tiny"] <= 0.6e6
+    assert 5e6 <= counts["small"] <= 12e6
     assert 20e6 <= counts["base"] <= 40e6
 
 
@@ -276,26 +330,28 @@ def test_config_round_trips_through_a_dict(model, ds2):
     torch.testing.assert_close(run(rebuilt.eval(), ds2[:2]).pooled, run(model, ds2[:2]).pooled)
     with pytest.raises(ValueError, match=r"unknown BackboneConfig field\(s\): \['widht'\]"):
         BackboneConfig.from_dict({"widht": 3})
-    with pytest.raises(ValueError, match="exactly one of num_tokens and token_ratio"):
-        BackboneConfig(token_ratio=0.5)
+    with pytest.raises(ValueError, match="pcfm 0.1 backbone"):
+        BackboneConfig.from_dict({**BACKBONE_PRESETS["tiny"].to_dict(), "num_tokens": 64})
+    with pytest.raises(ValueError, match="group sizes >= 2"):
+        BackboneConfig(stages=(1, 4))
     with pytest.raises(ValueError, match="unknown backbone preset 'huge'"):
         Backbone.from_preset("huge")
 
 
-def test_fourier_features_resolve_mm_and_metres():
+def test_fourier_features_resolve_voxels_and_whole_detectors():
     features = FourierFeatures(12)
     assert features.out_dim == 3 * 2 * 12
     wavelengths = 2 * math.pi / features.angular_frequency
-    torch.testing.assert_close(wavelengths[[0, -1]], torch.tensor([1.0, 10_000.0]))
-    # Points 1 mm apart and points 5 m apart both give clearly different features.
+    torch.testing.assert_close(wavelengths[[0, -1]], torch.tensor([0.02, 200.0]))
+    # Points a LArTPC voxel apart (0.02 X0) and a calorimeter depth apart (40 X0) both differ clearly.
     origin = features(torch.zeros(1, 3))
-    for step in (0.5, 5000.0):
+    for step in (0.01, 40.0):
         assert (features(torch.tensor([[step, 0.0, 0.0]])) - origin).abs().max() > 0.3
 
 
 def test_a_few_steps_fit_the_incident_energy(ds2):
     torch.manual_seed(0)
-    model = Backbone.from_preset("tiny", num_tokens=16, depth=2)
+    model = Backbone.from_preset("tiny", depth=2)
     head = torch.nn.Linear(model.width, 1)
     batch = Batch.from_data_list(ds2)
     condition_free = batch.clone()
@@ -306,7 +362,7 @@ def test_a_few_steps_fit_the_incident_energy(ds2):
     losses = []
     for _ in range(35):
         tokens = model.tokenize(condition_free)
-        prediction = head(model.pool(model.encode(tokens), tokens.batch, tokens.num_events)).squeeze(1)
+        prediction = head(model.pool(tokens, model.encode(tokens))).squeeze(1)
         loss = (prediction - target).square().mean()
         optimiser.zero_grad()
         loss.backward()

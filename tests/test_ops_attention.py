@@ -244,16 +244,42 @@ def test_edge_rejects_bad_input():
 # ----------------------------------------------------------------------------- dispatch
 
 
-def test_auto_runs_the_reference_on_cpu(monkeypatch):
+def test_auto_runs_sdpa_and_the_edge_reference_on_cpu(monkeypatch):
     monkeypatch.setattr(attention, "_triton_import_problem", lambda: None)  # even with triton
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for op in ("varlen", "edge"):
-        assert resolve_backend(op, device="cpu", dtype=torch.float32, head_dim=64) == "reference"
+    assert resolve_backend("varlen", device="cpu", dtype=torch.float32, head_dim=64) == "sdpa"
+    assert resolve_backend("edge", device="cpu", dtype=torch.float32, head_dim=64) == "reference"
     calls = []
-    monkeypatch.setattr(attention, "varlen_attention_reference", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(attention, "varlen_attention_sdpa", lambda *a, **kw: calls.append(1))
     q, k, v, ptr, _, _ = ragged([3])
     varlen_attention(q, k, v, ptr)
     assert calls == [1]
+    with pytest.raises(ValueError, match="backend='sdpa' cannot run here: it only implements varlen_attention"):
+        resolve_backend("edge", backend="sdpa", device="cpu", dtype=torch.float32, head_dim=64)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("bucket_elements", [2**24, 2 * 70 * 70, 100])
+def test_sdpa_backend_matches_dense_per_event_values_and_gradients(with_bias, bucket_elements, monkeypatch):
+    """Padded buckets (one per event, several events, or the reference for events too large)."""
+    monkeypatch.setattr(attention, "_SDPA_BUCKET_ELEMENTS", bucket_elements)
+    q, k, v, ptr, pos, slope = ragged(RAGGED_SIZES)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, slope)]
+    bias = dict(pos=pos, distance_slope=inputs[3]) if with_bias else {}
+    out = attention.varlen_attention_sdpa(*inputs[:3], ptr, **bias)
+    expected = dense_per_event(*inputs[:3], ptr, pos, inputs[3]) if with_bias else dense_per_event(*inputs[:3], ptr)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(out)
+    wanted = inputs if with_bias else inputs[:3]
+    got = torch.autograd.grad((out * weights).sum(), wanted)
+    reference = torch.autograd.grad((expected * weights).sum(), wanted)
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # float32 stays within float32 rounding of the float64 result
+    low = attention.varlen_attention_sdpa(q.float(), k.float(), v.float(), ptr, pos=pos.float(),
+                                          distance_slope=slope.float())
+    relative = (low.double() - dense_per_event(q, k, v, ptr, pos, slope)).norm() / low.double().norm()
+    assert low.dtype == torch.float32 and relative < 1e-5
 
 
 def test_auto_choice_on_cuda(monkeypatch):

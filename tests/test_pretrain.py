@@ -21,7 +21,7 @@ from tests.interruption import InterruptAt, Interrupted
 
 # Small and exactly reproducible on CPU (deterministic=True makes the threaded scatter ops so).
 FAST = dict(n_events=24, batch_points=2000, progress=False, deterministic=True, log_every_n_steps=1,
-            model={"preset": "tiny", "depth": 2, "num_tokens": 32}, objective_options={"mpm": {"decoder_depth": 1}})
+            model={"preset": "tiny", "depth": 2}, objective_options={"mpm": {"decoder_depth": 1}})
 
 
 class EventEnergy(Objective):
@@ -45,7 +45,7 @@ class EventEnergy(Objective):
 
     def loss(self, backbone, batch):
         tokens = backbone.tokenize(batch)
-        pooled = backbone.pool(backbone.encode(tokens), tokens.batch, tokens.num_events)
+        pooled = backbone.pool(tokens, backbone.encode(tokens))
         target = torch.zeros(batch.num_graphs).index_add(0, batch.batch, batch.x[:, 0])
         target = target / torch.bincount(batch.batch, minlength=batch.num_graphs) - self.mean_log_energy
         return {"loss": (self.head(pooled).squeeze(1) - target).square().mean()}
@@ -66,7 +66,7 @@ def some_showers(n=3, seed=7):
 def test_pretrain_returns_a_checkpoint_that_rebuilds_the_model(finished):
     assert finished.checkpoint_path == finished.workdir / "checkpoints" / "last.ckpt"
     loaded = PretrainModule.load_from_checkpoint(finished.checkpoint_path)
-    assert loaded.hparams["backbone"] == backbone_config({"preset": "tiny", "depth": 2, "num_tokens": 32}).to_dict()
+    assert loaded.hparams["backbone"] == backbone_config({"preset": "tiny", "depth": 2}).to_dict()
     assert loaded.hparams["objectives"]["mpm"]["decoder_depth"] == 1
     batch = some_showers()
     trained = finished.module.cpu().eval()
@@ -79,16 +79,17 @@ def test_pretrain_returns_a_checkpoint_that_rebuilds_the_model(finished):
     # Training changed the weights (the checkpoint is not of the initial model).
     L.seed_everything(0, verbose=False)
     fresh = PretrainModule(loaded.hparams["backbone"], objectives=loaded.hparams["objectives"])
-    assert not torch.equal(fresh.backbone.tokenizer.first[0].weight, loaded.backbone.tokenizer.first[0].weight)
+    assert not torch.equal(fresh.backbone.tokenizer.embed[0].weight, loaded.backbone.tokenizer.embed[0].weight)
 
 
 def test_pretrain_reports_final_metrics_and_the_logged_history(finished):
     assert [row["step"] for row in finished.history if "train/loss" in row] == [0, 1, 2, 3]
-    for key in ("train/loss", "val/loss", "val/mpm/chamfer", "val/mpm/point_energy", "val/mpm/total_energy"):
+    for key in ("train/loss", "val/loss", "val/mpm/chamfer", "val/mpm/scale", "val/mpm/point_energy",
+                "val/mpm/total_energy"):
         assert math.isfinite(finished.metrics[key]), key
     rows = [row for row in finished.history if "train/mpm/chamfer" in row]
     for row in rows:  # the logged total is the sum of the weighted terms
-        terms = row["train/mpm/chamfer"] + row["train/mpm/point_energy"] + row["train/mpm/total_energy"]
+        terms = sum(row[f"train/mpm/{name}"] for name in ("chamfer", "scale", "point_energy", "total_energy"))
         assert row["train/loss"] == pytest.approx(terms, rel=1e-5)
     lrs = [row["train/lr"] for row in finished.history if "train/lr" in row]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]

@@ -17,6 +17,7 @@ from pcfm.errors import GeometryError
 from pcfm.geometry.base import Geometry
 from pcfm.geometry.binning_xml import (Binning, LayerBinning, geometry_binning, geometry_from_binning_xml,
                                        read_binning_xml)
+from pcfm.geometry.frame import UNKNOWN_FRAME, MaterialFrame, isotropic_frame
 from pcfm.geometry.cylindrical import CaloLayer, CylindricalGeometry, SamplingStructure
 from pcfm.geometry.materials import MATERIALS, Material, get_material
 from pcfm.geometry.voxel_grid import VoxelGridGeometry
@@ -25,7 +26,7 @@ __all__ = [
     "Geometry", "CylindricalGeometry", "VoxelGridGeometry", "CaloLayer", "SamplingStructure",
     "Material", "MATERIALS", "get_material", "Binning", "LayerBinning", "read_binning_xml",
     "geometry_binning", "geometry_from_binning_xml", "get", "available", "register", "from_dict",
-    "load_yaml", "save_yaml",
+    "load_yaml", "save_yaml", "MaterialFrame", "isotropic_frame", "UNKNOWN_FRAME",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"

@@ -7,9 +7,12 @@ indices, and the same weights run on any detector.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pcfm.geometry.frame import MaterialFrame
 
 
 class Geometry(ABC):
@@ -38,6 +41,13 @@ class Geometry(ABC):
     @abstractmethod
     def locate(self, positions: np.ndarray) -> np.ndarray:
         """Cell index of each position (n, 3) in mm; -1 where a position is outside every cell."""
+
+    @property
+    def material_frame(self) -> "MaterialFrame":
+        """The map from this geometry's mm to its detector frame in material units
+        (:mod:`pcfm.geometry.frame`); the backbone reads every position through it. A new kind of
+        geometry must provide one."""
+        raise NotImplementedError(f"geometry kind {type(self).__name__} defines no material frame")
 
     @abstractmethod
     def to_dict(self) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 
 from pcfm.errors import GeometryError
 from pcfm.geometry.base import Geometry
+from pcfm.geometry.frame import MaterialFrame
 from pcfm.geometry.materials import SCALE_ENERGY_MEV, Material, get_material
 
 
@@ -317,6 +318,22 @@ class CylindricalGeometry(Geometry):
     @property
     def depth_mm(self) -> float:
         return self.layers[-1].z_back_mm
+
+    @cached_property
+    def material_frame(self) -> MaterialFrame:
+        """Depth in X0 from the front face through the layers (gaps add none), transverse
+        distance from the mesh axis in each layer's Moliere radius (:mod:`pcfm.geometry.frame`)."""
+        knots, depth, transverse = [self.layers[0].z_front_mm], [0.0], []
+        for layer in self.layers:
+            if layer.z_front_mm > knots[-1] + 1e-9:  # a gap: no material, the next layer's R_M
+                knots.append(layer.z_front_mm)
+                depth.append(depth[-1])
+                transverse.append(layer.structure.moliere_radius_mm)
+            knots.append(layer.z_back_mm)
+            depth.append(depth[-1] + layer.depth_mm / layer.structure.x0_mm)
+            transverse.append(layer.structure.moliere_radius_mm)
+        return MaterialFrame(origin_mm=(0.0, 0.0, 0.0), knots_mm=tuple(knots), depth_at_knots=tuple(depth),
+                             transverse_mm=tuple(transverse))
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:

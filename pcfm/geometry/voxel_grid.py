@@ -1,12 +1,14 @@
 """A regular box of cubic voxels: the LArTPC readout of PILArNet-M (768^3 voxels of 3 mm)."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
 
 from pcfm.errors import GeometryError
 from pcfm.geometry.base import Geometry
+from pcfm.geometry.frame import MaterialFrame, isotropic_frame
 from pcfm.geometry.materials import Material, get_material
 
 
@@ -68,6 +70,11 @@ class VoxelGridGeometry(Geometry):
         out = np.full(ijk.shape[0], -1, dtype=np.int64)
         out[inside] = np.ravel_multi_index(tuple(ijk[inside].T), self.shape)
         return out
+
+    @cached_property
+    def material_frame(self) -> MaterialFrame:
+        """Position in the volume about its centre, every axis in radiation lengths of the medium."""
+        return isotropic_frame(self.origin_mm + self.extent_mm / 2, self.material.x0_mm)
 
     def to_dict(self) -> dict:
         return {

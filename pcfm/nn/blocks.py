@@ -5,7 +5,7 @@ One :class:`TransformerGNNBlock` is, pre-norm with residuals,
 1. local attention over the kNN graph of tokens, with a per-head bias from the edge's relative
    position (Fourier features, a linear map per block): a graph-transformer layer;
 2. global attention over all tokens of the same event, with a per-head distance penalty
-   ``-slope_h * |pos_i - pos_j|`` (mm; slope kept >= 0 by a softplus);
+   ``-slope_h * |pos_i - pos_j|`` (frame units, X0 / R_M; slope kept >= 0 by a softplus);
 3. an MLP.
 
 Every norm is an :class:`AdaptiveLayerNorm`: a LayerNorm whose output is scaled and shifted per
@@ -68,27 +68,27 @@ class LocalAttention(nn.Module):
 class GlobalAttention(nn.Module):
     """Multi-head attention over all tokens of each event, with a learned per-head distance penalty.
 
-    Head h starts with slope ``1 / L_h`` per mm, ``L_h`` log-spaced over ``distance_scales_mm``,
+    Head h starts with slope ``1 / L_h`` per frame unit, ``L_h`` log-spaced over ``distance_scales``,
     so some heads look close by and others across the whole event.
     """
 
-    def __init__(self, width: int, heads: int, distance_scales_mm: tuple[float, float] = (10.0, 10_000.0),
+    def __init__(self, width: int, heads: int, distance_scales: tuple[float, float] = (0.5, 50.0),
                  backend: str = "auto"):
         super().__init__()
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
-        near, far = distance_scales_mm
+        near, far = distance_scales
         slopes = 1.0 / torch.logspace(math.log10(near), math.log10(far), heads, dtype=torch.float64)
         self.raw_slope = nn.Parameter(torch.log(torch.expm1(slopes)).float())  # softplus^-1
 
     @property
     def distance_slope(self) -> Tensor:
-        """(H,) non-negative slopes per mm."""
+        """(H,) non-negative slopes per frame unit."""
         return F.softplus(self.raw_slope.float())
 
     def forward(self, x: Tensor, pos: Tensor, ptr: Tensor) -> Tensor:
-        """``x`` (T, C), ``pos`` (T, 3) mm, ``ptr`` (B + 1,) token offsets of the events."""
+        """``x`` (T, C), ``pos`` (T, 3) frame units, ``ptr`` (B + 1,) token offsets of the events."""
         q, k, v = self.qkv(x).unflatten(1, (3, self.heads, -1)).unbind(1)
         out = varlen_attention(q, k, v, ptr, pos=pos.float(), distance_slope=self.distance_slope,
                                backend=self.backend)
@@ -99,14 +99,14 @@ class TransformerGNNBlock(nn.Module):
     """Local graph attention, global event attention and an MLP, each pre-norm (AdaLN) and residual."""
 
     def __init__(self, width: int, heads: int, cond_dim: int, edge_dim: int, *, mlp_ratio: float = 4.0,
-                 distance_scales_mm: tuple[float, float] = (10.0, 10_000.0), attention_backend: str = "auto"):
+                 distance_scales: tuple[float, float] = (0.5, 50.0), attention_backend: str = "auto"):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.local_norm = AdaptiveLayerNorm(width, cond_dim)
         self.local_attention = LocalAttention(width, heads, edge_dim, attention_backend)
         self.global_norm = AdaptiveLayerNorm(width, cond_dim)
-        self.global_attention = GlobalAttention(width, heads, distance_scales_mm, attention_backend)
+        self.global_attention = GlobalAttention(width, heads, distance_scales, attention_backend)
         self.mlp_norm = AdaptiveLayerNorm(width, cond_dim)
         hidden = int(round(mlp_ratio * width))
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))

@@ -1,12 +1,13 @@
 """Encodings of what the backbone sees: positions, point features and event conditioning.
 
-Positions are physical (mm), so one model can read calorimeter cells of a few mm and LArTPC
-events a few metres across. :class:`FourierFeatures` turns a coordinate ``x`` into
+Positions are in each event's detector frame in material units (:mod:`pcfm.nn.frame`: X0 and
+Moliere radii in a calorimeter, X0 of argon in a LArTPC), so one model reads SiW cells of 0.4 R_M
+and LArTPC voxels of 0.02 X0 alike. :class:`FourierFeatures` turns a coordinate ``x`` into
 ``sin(2 pi x / L_k)`` and ``cos(2 pi x / L_k)`` for wavelengths ``L_k`` log-spaced between
-:data:`MIN_WAVELENGTH_MM` (1 mm: finer than the smallest calorimeter cell) and
-:data:`MAX_WAVELENGTH_MM` (10 m: longer than the largest detector), so that every scale in between
-is resolved by some frequency and none aliases. The sines run in float32 even under bf16
-autocast (elementwise ops are not autocast): a 1 mm wavelength at 2 m needs the precision.
+:data:`MIN_WAVELENGTH` (0.02 units: a LArTPC voxel) and :data:`MAX_WAVELENGTH` (200 units:
+beyond the largest detector), so that every scale in between is resolved by some frequency and
+none aliases. The sines run in float32 even under bf16 autocast (elementwise ops are not
+autocast): a fine wavelength far from the origin needs the precision.
 
 Event conditioning (:class:`ConditionEncoder`) is optional field by field: a missing or NaN
 value becomes zeros plus a "known" flag of 0, so that data without incident energy or angles
@@ -21,9 +22,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-#: Shortest and longest wavelength of the Fourier position features, in mm.
-MIN_WAVELENGTH_MM = 1.0
-MAX_WAVELENGTH_MM = 10_000.0
+#: Shortest and longest wavelength of the Fourier position features, in frame units (X0, R_M).
+MIN_WAVELENGTH = 0.02
+MAX_WAVELENGTH = 200.0
 #: Incident energies enter as log10(E / ENERGY_SCALE_MEV): 1 GeV -> 0, 1 MeV .. 1 TeV -> -3 .. 3.
 ENERGY_SCALE_MEV = 1_000.0
 #: Columns of :func:`condition_features`: each group of values is followed by its "known" flag.
@@ -34,15 +35,15 @@ UNKNOWN_GEOMETRY = 0
 
 
 class FourierFeatures(nn.Module):
-    """Fixed multi-scale sine-cosine features of coordinates given in mm.
+    """Fixed multi-scale sine-cosine features of coordinates (frame units).
 
     ``(..., in_dim)`` -> ``(..., in_dim * 2 * num_frequencies)`` float32, with wavelengths
-    log-spaced from ``min_wavelength`` to ``max_wavelength`` (mm). No learned parameters; the
+    log-spaced from ``min_wavelength`` to ``max_wavelength`` (in the coordinates' units). No learned parameters; the
     wavelengths are a non-persistent buffer (they follow from the config).
     """
 
-    def __init__(self, num_frequencies: int, *, in_dim: int = 3, min_wavelength: float = MIN_WAVELENGTH_MM,
-                 max_wavelength: float = MAX_WAVELENGTH_MM):
+    def __init__(self, num_frequencies: int, *, in_dim: int = 3, min_wavelength: float = MIN_WAVELENGTH,
+                 max_wavelength: float = MAX_WAVELENGTH):
         super().__init__()
         if num_frequencies < 1:
             raise ValueError(f"num_frequencies must be >= 1, got {num_frequencies}")
@@ -60,10 +61,10 @@ class FourierFeatures(nn.Module):
 
 
 class FourierMLP(nn.Module):
-    """Fourier features of mm coordinates, then Linear-GELU-Linear: a learned position embedding."""
+    """Fourier features of coordinates, then Linear-GELU-Linear: a learned position embedding."""
 
     def __init__(self, out_dim: int, num_frequencies: int, *, hidden: Optional[int] = None,
-                 min_wavelength: float = MIN_WAVELENGTH_MM, max_wavelength: float = MAX_WAVELENGTH_MM):
+                 min_wavelength: float = MIN_WAVELENGTH, max_wavelength: float = MAX_WAVELENGTH):
         super().__init__()
         self.fourier = FourierFeatures(num_frequencies, min_wavelength=min_wavelength, max_wavelength=max_wavelength)
         hidden = hidden or out_dim
@@ -71,15 +72,6 @@ class FourierMLP(nn.Module):
 
     def forward(self, coordinates: Tensor) -> Tensor:
         return self.mlp(self.fourier(coordinates))
-
-
-def normalise_point_features(x: Tensor) -> Tensor:
-    """Point features (:data:`pcfm.data.pointcloud.POINT_FEATURES`) scaled for a network.
-
-    Column 0, log(energy / MeV), is kept; the cell sizes (mm, 0 when unknown) go through
-    ``log1p`` so that 1 mm silicon pads and 16 mm scintillator tiles give inputs of order 1.
-    """
-    return torch.cat([x[:, :1], torch.log1p(x[:, 1:].clamp(min=0))], dim=1)
 
 
 def _event_field(data, name: str, num_events: int, device: Optional[torch.device]) -> Optional[Tensor]:

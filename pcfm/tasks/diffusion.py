@@ -27,8 +27,8 @@ preconditioned input ``c_in x`` times ``sigma_data`` (a cloud with the data's sp
 noise level) converted back to mm and MeV, with ``x = (log E, cell sizes)`` recomputed. The cell
 sizes are those of the cell each noisy point lies in (0 outside every cell), computed the same way
 in training and in generation, where true cells do not exist yet. The noise level ``c_noise``,
-``log n`` (points in the event) and the event's input centroid (the backbone only sees positions
-relative to it, so the absolute placement would be lost) are embedded by an MLP and added to
+``log n`` (points in the event) and the event's input centroid (a summary of where the noisy cloud
+sits) are embedded by an MLP and added to
 ``tokens.condition``, so every block's AdaLN sees them; incident energy, angles and the geometry
 tag come from the backbone's own condition encoder. A small head maps each point's propagated
 features and its scaled input to the 4-D output.
@@ -405,7 +405,7 @@ class PointDiffusion(Objective):
         tokens = backbone.tokenize(cloud)
         tokens.condition = tokens.condition + self.condition_embedding(
             self._denoiser_condition(scaled, sigma, point_batch, num_events)).to(tokens.condition.dtype)
-        point_features = backbone.propagate(cloud, tokens, backbone.encode(tokens))
+        point_features = backbone.propagate(tokens, backbone.encode(tokens))
         output = self.head(torch.cat([point_features, scaled.to(point_features.dtype)], 1)).float()
         return c_skip * noisy + c_out * output
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from pcfm.data import PARTICLE_CLASSES, PARTICLE_NAMES, SEMANTIC_CLASSES
+from pcfm.data.augment import augment_by_symmetry
 from pcfm.nn import Backbone, BackboneConfig, hide_condition
 from pcfm.tasks.objective import load_missing_as_zeros
 from pcfm.tasks.pretrain import CHECKPOINT_MARKER, check_finite, warmup_cosine
@@ -82,6 +83,11 @@ class FinetuneModule(L.LightningModule):
         lr: head learning rate (and the backbone's in "full" mode).
         backbone_lr_scale: backbone learning rate / ``lr`` in "layerwise" mode.
         weight_decay, betas, warmup_steps, max_steps, min_lr_ratio: AdamW and the schedule.
+        class_names: the classes of ``y`` (classification; default the particle classes
+            :data:`CLASS_NAMES`, e.g. ``("photon", "pi0")`` for another label set).
+        augment: show each training event in a random symmetry of its detector
+            (:func:`~pcfm.data.augment.augment_by_symmetry`): without it a network memorises a
+            few hundred labelled events instead of learning from them.
     """
 
     def __init__(self, backbone: BackboneConfig | Mapping[str, Any] | None = None, task: str = "classification",
@@ -91,7 +97,8 @@ class FinetuneModule(L.LightningModule):
                  class_weights: Optional[Sequence[float]] = None, head_hidden: Optional[int] = None,
                  lr: float = 1e-3, backbone_lr_scale: float = 0.1, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10, max_steps: int = 1000,
-                 min_lr_ratio: float = 0.01):
+                 min_lr_ratio: float = 0.01, augment: bool = True, augment_seed: int = 0,
+                 class_names: Optional[Sequence[str]] = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
@@ -119,7 +126,8 @@ class FinetuneModule(L.LightningModule):
             # a regression checkpoint from before the calibration path predicts as it did
             load_missing_as_zeros(self, ("calibration.weight", "calibration.bias"))
         else:
-            n_classes = len(CLASS_NAMES[task])
+            class_names = tuple(class_names or CLASS_NAMES[task])
+            n_classes = len(class_names)
             self.head = mlp_head(width, hidden, n_classes)
             weights = torch.ones(n_classes) if class_weights is None else torch.tensor(list(class_weights))
             self.register_buffer("class_weights", weights.float())
@@ -134,6 +142,8 @@ class FinetuneModule(L.LightningModule):
             "head_hidden": hidden, "lr": float(lr), "backbone_lr_scale": float(backbone_lr_scale),
             "weight_decay": float(weight_decay), "betas": [float(b) for b in betas],
             "warmup_steps": int(warmup_steps), "max_steps": int(max_steps), "min_lr_ratio": float(min_lr_ratio),
+            "augment": bool(augment), "augment_seed": int(augment_seed),
+            "class_names": None if task == "regression" or class_names is None else list(class_names),
         })
 
     # ------------------------------------------------------------------ forward and loss
@@ -143,7 +153,7 @@ class FinetuneModule(L.LightningModule):
         # A regression target in the conditioning would be read, not predicted: hide it.
         seen = hide_condition(batch, self.hparams.targets) if task == "regression" else batch
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.hparams.mode != "linear"):
-            output = self.backbone(seen)
+            output = self.backbone(seen, points=task == "segmentation")
         if task == "classification":
             return self.head(output.pooled)
         if task == "segmentation":
@@ -179,6 +189,11 @@ class FinetuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        if self.hparams.get("augment", False):  # a checkpoint from before the option trained without
+            # drawn from (seed, step), not the global RNG, so that a resumed run sees the same symmetries
+            generator = torch.Generator().manual_seed(
+                1_000_003 * (int(self.global_step) + 1) + int(self.hparams.get("augment_seed", 0)))
+            batch = augment_by_symmetry(batch, generator)
         loss = self.loss(batch)
         check_finite({self.hparams.task: {"loss": loss}}, batch, self.global_step)
         size = int(batch.num_graphs)
@@ -237,11 +252,13 @@ def f1_scores(prediction: np.ndarray, truth: np.ndarray, n_classes: int) -> np.n
 
 
 def task_metrics(task: str, prediction: np.ndarray, truth: np.ndarray,
-                 targets: Sequence[str] = ("incident_energy",)) -> dict[str, float]:
+                 targets: Sequence[str] = ("incident_energy",),
+                 class_names: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Held-out metrics of a task, as a flat dict of floats.
 
     classification / segmentation: ``accuracy``, ``f1/<class>`` for classes in the truth, and
-    ``mean_f1`` over them (points with class -1 are left out). regression, per target:
+    ``mean_f1`` over them (points with class -1 are left out; ``class_names`` name the classes,
+    default :data:`CLASS_NAMES`). regression, per target:
     ``incident_energy/resolution`` = std((E_pred - E) / E) and ``.../bias`` = mean((E_pred - E) / E);
     ``theta/resolution`` = std(theta_pred - theta) and ``theta/bias`` = mean of it (radians).
     """
@@ -254,7 +271,7 @@ def task_metrics(task: str, prediction: np.ndarray, truth: np.ndarray,
             metrics[f"{name}/resolution"] = float(np.std(error))
             metrics[f"{name}/bias"] = float(np.mean(error))
         return metrics
-    names = CLASS_NAMES[task]
+    names = tuple(class_names or CLASS_NAMES[task])
     keep = truth >= 0
     prediction, truth = prediction[keep], truth[keep]
     scores = f1_scores(prediction, truth, len(names))

@@ -1,31 +1,36 @@
-"""Masked point modelling: hide a share of each event's point groups and reconstruct them.
+"""Masked point modelling: hide a share of each event's tokens and reconstruct their points.
 
 As in Point-MAE and PoLAr-MAE, adapted to detector data with energies:
 
-1. the backbone tokenises each event once (:meth:`~pcfm.nn.Backbone.tokenize`: FPS centres,
-   kNN groups of ``group_size`` points, a mini-PointNet per group);
+1. the backbone groups each event's points once (:meth:`~pcfm.nn.Backbone.group`: tokens of
+   about ``group_size`` points that cover every point and do not overlap);
 2. a random share ``mask_ratio`` of each event's tokens is hidden (:func:`draw_mask`);
-3. the backbone encodes the visible tokens only (``backbone.encode(tokens, keep_mask)``), so
-   no hidden group's points reach the encoder through its token;
+3. the backbone embeds and encodes the visible tokens only (``backbone.embed(tokens, data,
+   visible)`` then ``backbone.encode(tokens, keep_mask)``): the hidden tokens' points reach no
+   visible token, through the groups or through the neighbour graphs;
 4. a light decoder (:class:`MaskDecoder`: transformer-GNN blocks of the backbone's kind over
-   all tokens, a learned mask token standing in for each hidden one, positions embedded with
-   Fourier features of the token centre) predicts, for each hidden group, ``group_size`` points:
-   their offsets from the group centre in units of ``position_scale_mm`` and their energies in
-   the backbone's log-energy units (``log(E / MeV)``, column 0 of ``data.x``);
-5. the loss compares predicted and true points of each hidden group (:func:`mpm_terms`).
+   all tokens, a learned mask token standing in for each hidden one at its absolute position in
+   the detector frame) predicts, for each hidden token, ``group_size`` points: their offsets
+   from the token's position in units of the group's size, the group's size, and each point's
+   energy in the backbone's log-energy units (``log(E / MeV)``, column 0 of ``data.x``);
+5. the loss compares predicted and true points of each hidden token (:func:`mpm_terms`).
 
-A group has fewer than ``group_size`` points when its event does; such a group is compared
-with the first as many predicted slots, the other slots are ignored (padding).
+Every point of a hidden token is a target; a token has fewer than ``group_size`` points when
+its event does not fill it, and is compared with the first as many predicted slots (padding).
+Offsets are in frame units (X0 / R_M, :mod:`pcfm.nn.frame`) divided by the group's root mean
+square radius ``s``, which the decoder predicts as ``log s``: the shape term then weighs a
+LArTPC token of 0.2 X0 and a calorimeter token of 2 R_M alike.
 
 Loss (weights are constructor arguments)::
 
-    loss = chamfer_weight * chamfer + point_energy_weight * point_energy
+    loss = chamfer_weight * chamfer + scale_weight * scale + point_energy_weight * point_energy
            + total_energy_weight * total_energy
 
-- ``chamfer``: squared-distance Chamfer distance between the predicted and true offsets of a
-  group (in ``position_scale_mm`` units), averaged over hidden groups (:func:`chamfer_distance`).
-  With ``energy_weighted_chamfer`` the true-to-predicted half weighs each true point by its share
-  of the group's energy, so the high-energy core of a shower counts more than its halo.
+- ``chamfer``: squared-distance Chamfer distance between the predicted and true normalised
+  offsets of a group, averaged over hidden groups (:func:`chamfer_distance`). With
+  ``energy_weighted_chamfer`` (the default) the true-to-predicted half weighs each true point by
+  its share of the group's energy, so the high-energy core of a shower counts more than its halo.
+- ``scale``: Huber loss between the predicted and true ``log s`` of each group.
 - ``point_energy``: Huber loss between each true point's log-energy and that of its nearest
   predicted point (nearest by position), averaged per group, then over groups.
 - ``total_energy``: Huber loss between the log of the group's predicted and true total energy.
@@ -38,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcfm.data.augment import augment_by_symmetry
 from pcfm.nn import Backbone, BackboneConfig, Tokens
 from pcfm.nn.blocks import AdaptiveLayerNorm, TransformerGNNBlock, run_token_blocks
 from pcfm.nn.encoding import CONDITION_FIELDS, FourierFeatures, FourierMLP, hide_condition
-from pcfm.nn.tokenizer import offsets
+from pcfm.nn.serialization import offsets
 from pcfm.tasks.objective import Objective
 
 
@@ -99,56 +105,63 @@ class MaskDecoder(nn.Module):
     def __init__(self, config: BackboneConfig, depth: int):
         super().__init__()
         c = config
-        wavelengths = dict(min_wavelength=c.min_wavelength_mm, max_wavelength=c.max_wavelength_mm)
+        wavelengths = dict(min_wavelength=c.min_wavelength, max_wavelength=c.max_wavelength)
         self.config = config
         self.mask_token = nn.Parameter(torch.zeros(c.width))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.position_embedding = FourierMLP(c.width, c.num_frequencies, **wavelengths)
+        self.position_embedding = FourierMLP(c.width, c.num_frequencies, **c.absolute_wavelengths)
         self.edge_fourier = FourierFeatures(c.num_frequencies, **wavelengths)
         self.blocks = nn.ModuleList(
             TransformerGNNBlock(c.width, c.heads, c.cond_dim, self.edge_fourier.out_dim, mlp_ratio=c.mlp_ratio,
-                                distance_scales_mm=c.distance_scales_mm, attention_backend=c.attention_backend)
+                                distance_scales=c.distance_scales, attention_backend=c.attention_backend)
             for _ in range(depth))
         self.norm = AdaptiveLayerNorm(c.width, c.cond_dim)
-        self.head = nn.Linear(c.width, c.group_size * 4)  # per point: 3 offsets + log-energy
+        self.head = nn.Linear(c.width, c.group_size * 4 + 1)  # per point: 3 offsets + log-energy; log size
 
-    def forward(self, tokens: Tokens, visible_features: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Predicted offsets (G, K, 3) (in units of the objective's scale) and log-energies (G, K)
-        of the ``G = hidden.sum()`` hidden groups, in token order."""
+    def forward(self, tokens: Tokens, visible_features: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Predicted normalised offsets (G, K, 3), log-energies (G, K) and log group sizes (G,) of
+        the ``G = hidden.sum()`` hidden groups, in token order."""
         dtype = self.mask_token.dtype
         x = self.mask_token.expand(hidden.shape[0], -1).clone()
         x[~hidden] = visible_features.to(dtype)
-        x = x + self.position_embedding(tokens.pos - tokens.centroid[tokens.batch]).to(dtype)
+        x = x + self.position_embedding(tokens.pos).to(dtype)
         x = run_token_blocks(self.blocks, x, tokens, local_k=self.config.local_k,
                              cluster_backend=self.config.cluster_backend, edge_fourier=self.edge_fourier)
-        x = self.norm(x, tokens.condition, tokens.batch)[hidden]
-        points = self.head(x).float().unflatten(1, (self.config.group_size, 4))
-        return points[..., :3], points[..., 3]
+        out = self.head(self.norm(x, tokens.condition, tokens.batch)[hidden]).float()
+        points = out[:, :-1].unflatten(1, (self.config.group_size, 4))
+        return points[..., :3], points[..., 3], out[:, -1]
 
 
-def hidden_group_targets(data, tokens: Tokens, hidden: Tensor, group_size: int, position_scale_mm: float
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """True points of the hidden groups, padded: offsets (G, K, 3) from the group centre in units
-    of ``position_scale_mm``, log-energies (G, K) (``data.x[:, 0]``) and the valid mask (G, K)."""
-    group_start = offsets(tokens.group_token, tokens.pos.shape[0])
-    slot = torch.arange(tokens.group_token.shape[0], device=hidden.device) - group_start[tokens.group_token]
-    member = hidden[tokens.group_token]
-    token, slot, point = tokens.group_token[member], slot[member], tokens.group_point[member]
+#: Floor of a group's root mean square radius (frame units): a one-point group has radius 0.
+MIN_GROUP_SCALE = 1e-3
+
+
+def hidden_group_targets(tokens: Tokens, hidden: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """True points of the hidden groups, padded: offsets (G, K, 3) from the token's position in
+    units of the group's root mean square radius, log-energies (G, K) (``x[:, 0]``), the valid
+    mask (G, K), and the log radius (G,)."""
+    token = tokens.group_token
+    group_start = offsets(token, tokens.pos.shape[0])
+    slot = torch.arange(token.shape[0], device=hidden.device) - group_start[token]
+    member = hidden[token]
+    token, slot = token[member], slot[member]
     group = torch.cumsum(hidden, 0)[token] - 1  # index among the hidden groups
     num_groups = int(hidden.sum())
     offset = torch.zeros(num_groups, group_size, 3, device=hidden.device)
     log_energy = torch.zeros(num_groups, group_size, device=hidden.device)
     valid = torch.zeros(num_groups, group_size, dtype=torch.bool, device=hidden.device)
-    offset[group, slot] = (data.pos[point].float() - tokens.pos[token].float()) / position_scale_mm
-    log_energy[group, slot] = data.x[point, 0].float()
+    offset[group, slot] = (tokens.point_pos[member] - tokens.pos[token]).float()
+    log_energy[group, slot] = tokens.point_features[member, 0].float()
     valid[group, slot] = True
-    return offset, log_energy, valid
+    squared = offset.square().sum(-1).sum(1) / valid.sum(1).clamp(min=1)
+    scale = squared.sqrt().clamp(min=MIN_GROUP_SCALE)
+    return offset / scale[:, None, None], log_energy, valid, scale.log()
 
 
-def mpm_terms(predicted_offset: Tensor, predicted_log_energy: Tensor, offset: Tensor, log_energy: Tensor,
-              valid: Tensor, *, huber_delta: float = 1.0, energy_weighted_chamfer: bool = False
-              ) -> dict[str, Tensor]:
-    """The three loss terms (scalars) of the module docstring, from padded predictions and targets."""
+def mpm_terms(predicted_offset: Tensor, predicted_log_energy: Tensor, predicted_log_scale: Tensor, offset: Tensor,
+              log_energy: Tensor, valid: Tensor, log_scale: Tensor, *, huber_delta: float = 1.0,
+              energy_weighted_chamfer: bool = True) -> dict[str, Tensor]:
+    """The four loss terms (scalars) of the module docstring, from padded predictions and targets."""
     target_weight = None
     if energy_weighted_chamfer:
         target_weight = torch.softmax(log_energy.masked_fill(~valid, -torch.inf), dim=1).nan_to_num(0.0)
@@ -165,19 +178,20 @@ def mpm_terms(predicted_offset: Tensor, predicted_log_energy: Tensor, offset: Te
     log_total = lambda values: torch.logsumexp(values.masked_fill(~valid, -torch.inf), dim=1)  # noqa: E731
     total_energy = F.huber_loss(log_total(predicted_log_energy), log_total(log_energy), delta=huber_delta,
                                 reduction="none")
-    return {"chamfer": chamfer.mean(), "point_energy": point_energy.mean(), "total_energy": total_energy.mean()}
+    scale = F.huber_loss(predicted_log_scale, log_scale, delta=huber_delta)
+    return {"chamfer": chamfer.mean(), "scale": scale, "point_energy": point_energy.mean(),
+            "total_energy": total_energy.mean()}
 
 
 class MaskedPointModelling(Objective):
-    """Masked point modelling (module docstring): hide groups, encode the rest, rebuild the hidden.
+    """Masked point modelling (module docstring): hide tokens, encode the rest, rebuild the hidden.
 
     Args:
         backbone_config: the backbone's configuration (decoder sizes and group size follow it).
         mask_ratio: share of each event's tokens to hide (Point-MAE and PoLAr-MAE use 0.6).
         decoder_depth: transformer-GNN blocks of the decoder.
-        position_scale_mm: unit of the predicted and true offsets: 10 mm is about a calorimeter
-            cell and three LArTPC voxels, so offsets inside a group are of order 1.
-        chamfer_weight, point_energy_weight, total_energy_weight: weights of the loss terms.
+        chamfer_weight, scale_weight, point_energy_weight, total_energy_weight: weights of the
+            loss terms.
         huber_delta: where the Huber losses on log-energies turn from quadratic to linear (an
             energy off by a factor e^delta).
         energy_weighted_chamfer: weigh the true points of the Chamfer distance by energy share.
@@ -185,27 +199,27 @@ class MaskedPointModelling(Objective):
             hidden from the conditioning (read as unknown) with this probability, so that the
             backbone also serves tasks that must not see them (energy regression) or data that
             lacks them; 0 turns it off.
+        augment: while training, show each event in a random symmetry of its detector
+            (:func:`~pcfm.data.augment.augment_by_symmetry`).
     """
 
     name = "mpm"
 
     def __init__(self, backbone_config: BackboneConfig, *, mask_ratio: float = 0.6, decoder_depth: int = 2,
-                 position_scale_mm: float = 10.0, chamfer_weight: float = 1.0, point_energy_weight: float = 1.0,
-                 total_energy_weight: float = 1.0, huber_delta: float = 1.0, energy_weighted_chamfer: bool = False,
-                 condition_dropout: float = 0.2):
+                 chamfer_weight: float = 1.0, scale_weight: float = 1.0, point_energy_weight: float = 1.0,
+                 total_energy_weight: float = 1.0, huber_delta: float = 1.0, energy_weighted_chamfer: bool = True,
+                 condition_dropout: float = 0.2, augment: bool = True):
         super().__init__()
         if not 0.0 <= mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
-        if position_scale_mm <= 0:
-            raise ValueError(f"position_scale_mm must be > 0, got {position_scale_mm}")
         if not 0.0 <= condition_dropout <= 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1], got {condition_dropout}")
         self.condition_dropout = float(condition_dropout)
+        self.augment = bool(augment)
         self.mask_ratio = float(mask_ratio)
         self.decoder_depth = int(decoder_depth)
-        self.position_scale_mm = float(position_scale_mm)
-        self.weights = {"chamfer": float(chamfer_weight), "point_energy": float(point_energy_weight),
-                        "total_energy": float(total_energy_weight)}
+        self.weights = {"chamfer": float(chamfer_weight), "scale": float(scale_weight),
+                        "point_energy": float(point_energy_weight), "total_energy": float(total_energy_weight)}
         self.huber_delta = float(huber_delta)
         self.energy_weighted_chamfer = bool(energy_weighted_chamfer)
         self.group_size = backbone_config.group_size
@@ -213,10 +227,9 @@ class MaskedPointModelling(Objective):
 
     def config(self) -> dict[str, Any]:
         return {"mask_ratio": self.mask_ratio, "decoder_depth": self.decoder_depth,
-                "position_scale_mm": self.position_scale_mm, "chamfer_weight": self.weights["chamfer"],
-                "point_energy_weight": self.weights["point_energy"],
-                "total_energy_weight": self.weights["total_energy"], "huber_delta": self.huber_delta,
-                "energy_weighted_chamfer": self.energy_weighted_chamfer, "condition_dropout": self.condition_dropout}
+                **{f"{name}_weight": weight for name, weight in self.weights.items()},
+                "huber_delta": self.huber_delta, "energy_weighted_chamfer": self.energy_weighted_chamfer,
+                "condition_dropout": self.condition_dropout, "augment": self.augment}
 
     def drop_conditions(self, batch, generator: Optional[torch.Generator] = None):
         """``batch`` with each condition field hidden, event by event, with probability ``condition_dropout``."""
@@ -228,25 +241,33 @@ class MaskedPointModelling(Objective):
                 batch = hide_condition(batch, (name,), drop)
         return batch
 
-    def predict(self, backbone: Backbone, tokens: Tokens, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Encode the visible tokens and decode the hidden groups: offsets (G, K, 3), log-energies (G, K)."""
+    def masked_tokens(self, backbone: Backbone, batch, generator: Optional[torch.Generator] = None
+                      ) -> tuple[Tokens, Tensor]:
+        """The tokens of ``batch`` with only the visible ones embedded, and the hidden mask (T,)."""
+        tokens = backbone.group(batch)
+        hidden = draw_mask(tokens.ptr, self.mask_ratio, generator)
+        return backbone.embed(tokens, batch, visible=~hidden), hidden
+
+    def predict(self, backbone: Backbone, tokens: Tokens, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode the visible tokens and decode the hidden groups: normalised offsets (G, K, 3),
+        log-energies (G, K), log group radii (G,)."""
         visible_features = backbone.encode(tokens, keep_mask=~hidden)
         return self.decoder(tokens, visible_features, hidden)
 
     def loss(self, backbone: Backbone, batch, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        if self.training and self.augment:
+            batch = augment_by_symmetry(batch, generator if generator is None or generator.device.type == "cpu" else None)
         if self.training and self.condition_dropout > 0:
             batch = self.drop_conditions(batch, generator)
-        tokens = backbone.tokenize(batch)
-        hidden = draw_mask(tokens.ptr, self.mask_ratio, generator)
-        predicted_offset, predicted_log_energy = self.predict(backbone, tokens, hidden)
-        offset, log_energy, valid = hidden_group_targets(batch, tokens, hidden, self.group_size,
-                                                         self.position_scale_mm)
+        tokens, hidden = self.masked_tokens(backbone, batch, generator)
+        predicted = self.predict(backbone, tokens, hidden)
+        offset, log_energy, valid, log_scale = hidden_group_targets(tokens, hidden, self.group_size)
         if not valid.any():  # every event has a single token: nothing to rebuild
-            zero = predicted_offset.sum() * 0.0
-            terms = {"chamfer": zero, "point_energy": zero, "total_energy": zero}
+            zero = predicted[0].sum() * 0.0
+            terms = {name: zero for name in self.weights}
         else:
-            terms = mpm_terms(predicted_offset, predicted_log_energy, offset, log_energy, valid,
-                              huber_delta=self.huber_delta, energy_weighted_chamfer=self.energy_weighted_chamfer)
+            terms = mpm_terms(*predicted, offset, log_energy, valid, log_scale, huber_delta=self.huber_delta,
+                              energy_weighted_chamfer=self.energy_weighted_chamfer)
         terms["loss"] = sum(self.weights[name] * terms[name] for name in self.weights)
         terms["hidden_fraction"] = hidden.float().mean().detach()
         return terms
