@@ -1,58 +1,60 @@
-"""Transfer across detector geometries: a pretrained backbone against the same model from scratch.
+"""Label efficiency and transfer: pretrained backbones, the same backbone from scratch, and simple
+references, on the same labels and the same test sets.
 
-Masked point modelling (:func:`pcfm.pretrain`, objective "mpm") on the source geometries
-(``--source-geometries``, default ``calochallenge-ds2``; electrons, photons and charged pions)
-and on LArTPC events (``lartpc-768``); then :func:`pcfm.finetune` with ``n`` labels
-(``--n-labels``) and several seeds (``--seeds``), each pretrained arm against the same backbone
-from random weights, with the same labels, steps, learning rate and schedule. With
-``--label-step-exponent p`` a fine-tune with ``n`` labels runs ``(n / smallest n) ** p`` times
-the steps (default 0: equal steps; 0.5 checks that a baseline with more labels is not simply
-under-trained):
+Tasks (``--tasks``):
 
-* pid: particle identification (electron / photon / pion) on the unseen ``--target-geometry``
-  (default ``par04-scipb``), backbone pretrained on the source showers; accuracy (and macro F1);
-* regression: incident energy of electrons and photons (``--regression-particles``) on the
-  target geometry, the same backbone; relative resolution std((E_pred - E) / E) (lower is
-  better) and bias. Pions are left out by default: their visible energy in the simulator
-  fluctuates so much (response about 0.38 +- 57% on par04-scipb) that they would dominate the
-  spread whatever the model;
-* segmentation: per-point LArTPC classes, backbone pretrained on LArTPC events; mean F1;
-* segmentation_cross: the same, backbone pretrained on the source showers only (cross-domain).
-  Its scratch arm is the segmentation scratch arm (the same runs).
+* pid: electron / photon / pion on ``par04-scipb``, a geometry the backbone was not pretrained on;
+  accuracy.
+* gamma_pi0: Geant4 photons against pi0 (20-100 GeV, decaying 500 mm upstream) in the ds2 SiW
+  calorimeter, the 1000 showers of ``shared/data/geant4``: five folds, each seed tests on its own
+  200 showers, validates on 200 others and draws its labels from the remaining 600; accuracy.
+* electron_energy: incident energy of electrons on ``par04-scipb``; relative resolution (lower is
+  better). Every arm sits at the sampling floor: a sanity row, not a contest.
+* pion_energy: the same for charged pions, where the shower's shape carries the correction for
+  invisible energy: the regression with headroom for a network.
+* segmentation: per-point LArTPC classes (``lartpc-768``); mean F1 over the classes.
 
-Each task's events are simulated once: a labelled pool (fine-tunes draw their ``n`` labels
-from it, balanced over classes for pid, with the run's seed) and an independent test set (its
-own simulation seed) on which every fine-tune of the task is scored, so runs differ only by
-their labels and initialisation. (``pcfm.finetune`` also holds out a small part of the pool
-for its own ``metrics.json``; the benchmark does not use those numbers.) Regression runs are
-checked for a label leak: a model whose predictions move when the event's true target field
-changes can read the answer, and its rows are flagged and left out of the verdict.
+Arms: ``scratch`` (random weights), ``pretrained`` (masked point modelling, :func:`pcfm.pretrain`
+objective "mpm", on ds2 showers for the shower tasks and on LArTPC events for segmentation; every
+weight fine-tuned), ``linear`` (the pretrained backbone frozen, a head trained: the linear probe),
+and ``reference``: logistic regression and boosted trees on high-level shower features, linear
+and boosted regression, per-point boosted trees on local features (``benchmarks/references.py``,
+needs the ``bench`` extra). A reference's setting is chosen on the same validation set; its
+"best" row is the one with the higher validation score.
 
-Target (issue 5): on the unseen geometry, the pretrained backbone with ``--target-labels``
-(100, 1000) -> pretrained at 100 labels matches or beats scratch at 1000 labels on at least two
-of pid, regression and segmentation. "Matches" means: the pretrained mean is not worse than the
-scratch mean by more than one standard error of the difference of the means (over seeds).
+Protocol. Each simulated task has a labelled pool, a validation set and a test set, simulated with
+their own seeds (gamma_pi0: the folds above); the pool holds ``--pool-factor`` (2) times the
+largest label count. A run with ``n`` labels and seed ``s`` trains on a
+seeded subset of the pool (balanced over classes for classification); every arm and the
+references see the same subset. The learning rate of each (task, arm) is chosen from
+``--lr-grid`` on seed 0 with ``--select-labels`` labels, by the lowest validation loss; every
+run keeps the weights of its lowest validation loss (checked every ``--val-every`` steps,
+stopping after ``--patience`` checks without improvement); the test set is used once, at the
+end. Means over seeds come with standard errors (std / sqrt(seeds)). A comparison "A >= B" is met
+when mean(A) - mean(B) >= -(standard error of the difference).
 
-    python benchmarks/transfer.py [--config cpu|gpu|micro] [--models M ...] [--seeds S ...]
-        [--n-labels N ...] [--tasks T ...] [--finetune-steps K] [--pretrain-steps K]
-        [--target-geometry G] [--threads T] [--workdir DIR] [--out FILE.json] ...
+    python benchmarks/transfer.py [--config cpu|micro] [--tasks T ...] [--seeds S ...]
+        [--n-labels N ...] [--curve-labels N ...] [--workers W] [--workdir DIR] [--out FILE.json] ...
 
-Output: JSON (default benchmarks/results/transfer.json for ``--config cpu``,
-transfer_<config>.json otherwise), a markdown summary beside it (.md) and a plot (.png:
-metric against labels, pretrained vs scratch, one panel per task; needs matplotlib).
-Checkpoints and runs go to ``--workdir`` (default ``pcfm_runs/transfer_<config>``); a rerun with
-the same settings reuses finished pretrainings (and resumes interrupted ones) and finished
-fine-tunes, so an interrupted benchmark continues where it stopped.
+Output: JSON (``benchmarks/results/transfer.json`` for ``--config cpu``), with a ``summary`` row
+per task (the means and standard errors of pretrained@100, scratch@100, scratch@1000,
+reference@100, reference@1000, linear@100 and the checks of issue 12), the token coverage of the
+backbone on both detector families, a markdown report (.md) and a plot (.png). Runs go to
+``--workdir``: a rerun with the same settings reuses finished runs, so an interrupted benchmark
+continues where it stopped. Runs go to ``--workers`` processes of ``--threads`` torch threads each.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,19 +63,16 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch_geometric.loader import DataLoader
 
-from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, device_for, fmt,
-                     log, markdown_table, parse_json_or_text, save_png, write_results)
-from pcfm.api import pretrain
-from pcfm.api_finetune import LabelledView, finetune
-from pcfm.data import PointBudgetBatchSampler
+from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, log,
+                     markdown_table, parse_json_or_text, save_png, write_results)
 from pcfm.data.atomic import atomic_path
-from pcfm.engine.data import EventList, event_sizes, simulate_pretraining_events
-from pcfm.tasks.finetune import FinetuneModule, task_metrics
 
 LARTPC_GEOMETRY = "lartpc-768"
+TARGET_GEOMETRY = "par04-scipb"
+SOURCE_GEOMETRY = "calochallenge-ds2"
 PARTICLES = ("electron", "photon", "pion")
+GEANT4_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geant4"
 
 
 @dataclass(frozen=True)
@@ -81,35 +80,40 @@ class TaskSpec:
     """One benchmark task: what is fine-tuned, on which events, from which pretraining."""
 
     finetune_task: str  # pcfm.finetune's task
-    domain: str  # the events: "pid", "regression" (target-geometry showers) or "lartpc"
-    pretrained_from: str  # "showers" (source geometries) or "lartpc": the pretraining
+    domain: str  # the events (Domains)
+    pretrained_from: str  # "showers" or "lartpc": the pretraining of the pretrained arm
     metric: str  # primary metric (a task_metrics key)
     higher_is_better: bool
+    label: str
     secondary: tuple = ()
-    label: str = ""
+    class_names: Optional[tuple] = None
 
 
 TASKS = {
-    "pid": TaskSpec("classification", "pid", "showers", "accuracy", True, ("mean_f1",),
-                    "particle identification (e / gamma / pi)"),
-    "regression": TaskSpec("regression", "regression", "showers", "incident_energy/resolution", False,
-                           ("incident_energy/bias",), "incident-energy regression"),
-    "segmentation": TaskSpec("segmentation", "lartpc", "lartpc", "mean_f1", True, ("accuracy",),
-                             "LArTPC semantic segmentation"),
-    "segmentation_cross": TaskSpec("segmentation", "lartpc", "showers", "mean_f1", True, ("accuracy",),
-                                   "LArTPC segmentation, backbone pretrained on showers only"),
+    "pid": TaskSpec("classification", "pid", "showers", "accuracy", True,
+                    "e / gamma / pi identification on par04-scipb (unseen geometry)", ("mean_f1",)),
+    "gamma_pi0": TaskSpec("classification", "gamma_pi0", "showers", "accuracy", True,
+                          "Geant4 gamma vs pi0 in the ds2 SiW calorimeter (5 folds of 1000 showers)", ("mean_f1",),
+                          class_names=("photon", "pi0")),
+    "electron_energy": TaskSpec("regression", "electron_energy", "showers", "incident_energy/resolution", False,
+                                "electron energy on par04-scipb (sampling floor: a sanity row)",
+                                ("incident_energy/bias",)),
+    "pion_energy": TaskSpec("regression", "pion_energy", "showers", "incident_energy/resolution", False,
+                            "charged-pion energy on par04-scipb (shape corrects invisible energy)",
+                            ("incident_energy/bias",)),
+    "segmentation": TaskSpec("segmentation", "lartpc", "lartpc", "mean_f1", True,
+                             "LArTPC semantic segmentation", ("accuracy",)),
 }
-#: The three tasks of the target; segmentation_cross is reported beside them.
-VERDICT_TASKS = ("pid", "regression", "segmentation")
-#: pcfm.finetune always keeps a seeded part of the pool for its own metrics.json: keep it small.
-INTERNAL_TEST_FRACTION = 0.02
-#: Simulation seeds: pretraining data, labelled pools and test sets never share one.
+DOMAIN_PARTICLES = {"pid": PARTICLES, "electron_energy": ("electron",), "pion_energy": ("pion",)}
+ARMS = ("scratch", "pretrained", "linear")
+#: Simulation seeds: pretraining data, pools, validation and test sets never share one.
 SEED_SOURCE, SEED_LARTPC_PRETRAIN = 0, 1
-SEED_POOL = {"pid": 201, "regression": 211, "lartpc": 301}
-SEED_TEST = {"pid": 202, "regression": 212, "lartpc": 302}
+SEEDS = {"pid": (201, 203, 202), "electron_energy": (211, 213, 212), "pion_energy": (221, 223, 222),
+         "lartpc": (301, 303, 302)}  # (pool, validation, test)
+GAMMA_PI0_FILES = ("ds2_photons_20-100GeV.h5", "ds2_pi0_20-100GeV_decay500mm.h5")
+GAMMA_PI0_FOLDS = 5
 #: Output change (standardised units) above which a regression model is taken to read its target.
 LEAK_THRESHOLD = 1e-4
-#: Fine-tune record written in each run folder; a rerun with the same settings reuses it.
 RUN_RECORD = "transfer_run.json"
 
 
@@ -117,58 +121,56 @@ RUN_RECORD = "transfer_run.json"
 class Config:
     """Every size of a run; ``--config`` picks a preset, options override single fields."""
 
-    models: list = field(default_factory=lambda: ["tiny"])
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    n_labels: list = field(default_factory=lambda: [100, 1000])
-    target_labels: tuple = (100, 1000)
+    model: Any = "tiny"
     tasks: list = field(default_factory=lambda: list(TASKS))
-    source_geometries: list = field(default_factory=lambda: ["calochallenge-ds2"])
-    target_geometry: str = "par04-scipb"
+    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    n_labels: list = field(default_factory=lambda: [100, 1000])
+    curve_labels: list = field(default_factory=lambda: [300, 3000])
+    curve_seeds: list = field(default_factory=lambda: [0, 1])
+    arms: list = field(default_factory=lambda: list(ARMS))
+    arm_labels: dict = field(default_factory=lambda: {"linear": [100, 1000]})
+    references: bool = True
     energy_range: tuple = (1e3, 1e5)
-    regression_particles: list = field(default_factory=lambda: ["electron", "photon"])
     lartpc_points: Optional[tuple] = None
+    pool_factor: float = 2.0
+    n_val: int = 400
+    n_lartpc_val: int = 100
+    n_test: int = 2000
+    n_lartpc_test: int = 300
+    gamma_pi0_per_class: Optional[int] = None
     # pretraining
-    pretrain_steps: int = 400
-    pretrain_lartpc_steps: int = 400
+    pretrain_steps: int = 1500
+    pretrain_lartpc_steps: int = 800
     pretrain_batch_points: int = 20_000
     pretrain_lr: float = 1e-3
-    n_source: int = 3000
-    n_lartpc_pretrain: int = 800
-    # fine-tuning
-    finetune_steps: int = 100
-    finetune_lartpc_steps: int = 100
-    label_step_exponent: float = 0.0
-    finetune_batch_points: int = 8_000
-    finetune_lartpc_batch_points: int = 20_000
-    finetune_lr: float = 5e-4
-    mode: str = "full"
-    pretrained_mode: Optional[str] = None
-    n_test: int = 500
-    n_lartpc_test: int = 150
-    eval_batch_points: int = 50_000
-    accelerator: str = "cpu"
-    threads: Optional[int] = 2
+    n_source: int = 6000
+    n_lartpc_pretrain: int = 1500
+    # fine-tuning: max steps at each label count (the lowest validation loss is kept)
+    steps_at: dict = field(default_factory=lambda: {"100": 300, "300": 400, "1000": 600, "3000": 800})
+    batch_points: int = 20_000
+    lartpc_batch_points: int = 20_000
+    lr_grid: list = field(default_factory=lambda: [1e-3, 3e-3])
+    linear_lr_grid: list = field(default_factory=lambda: [3e-3, 1e-2])
+    select_labels: int = 100
+    val_every: int = 50
+    patience: int = 4
+    augment: bool = True
+    max_reference_points: int = 100_000
+    workers: int = 2
+    threads: int = 1
 
 
 CONFIGS: dict[str, dict] = {
-    # 2 CPU cores, under 30 minutes: the tiny backbone, 100 and 1000 labels, 3 seeds, 42 fine-tunes.
-    # Measured on 1 thread of an EPYC core: ds2 pretraining 330 s, LArTPC 70 s, one fine-tune
-    # 38 s (pid), 30 s (regression), 20 s (segmentation) with its evaluation: about 27 min in all.
+    # 2 CPU cores: the tiny backbone, every task; see RESULTS.md for what one run of it costs.
     "cpu": {},
-    # one GPU (accelerator "auto", bf16): the model-scale study with 10,000 labels, 189 fine-tunes.
-    # Not run yet: time it first with --models tiny --seeds 0.
-    "gpu": dict(models=["tiny", "small", "base"], seeds=[0, 1, 2], n_labels=[100, 1000, 10_000],
-                pretrain_steps=20_000, pretrain_lartpc_steps=10_000, pretrain_batch_points=100_000,
-                pretrain_lr=5e-4, n_source=50_000, n_lartpc_pretrain=10_000, finetune_steps=1000,
-                finetune_lartpc_steps=1000, finetune_batch_points=50_000, finetune_lartpc_batch_points=100_000,
-                n_test=5000, n_lartpc_test=1000, eval_batch_points=200_000, accelerator="auto", threads=None),
     # the smoke test: seconds, every code path, meaningless numbers.
-    "micro": dict(models=[{"preset": "tiny", "depth": 1}], seeds=[0], n_labels=[6, 12],
-                  target_labels=(6, 12), energy_range=(1e3, 5e3), lartpc_points=(200, 400), pretrain_steps=3,
-                  pretrain_lartpc_steps=3, pretrain_batch_points=4000, n_source=40, n_lartpc_pretrain=12,
-                  finetune_steps=3, finetune_lartpc_steps=3, finetune_batch_points=3000,
-                  finetune_lartpc_batch_points=3000, n_test=24, n_lartpc_test=8, eval_batch_points=5000,
-                  threads=1),
+    "micro": dict(model={"preset": "tiny", "depth": 1}, tasks=list(TASKS), seeds=[0, 1], n_labels=[6, 12],
+                  curve_labels=[9], curve_seeds=[0], arm_labels={"linear": [6]}, energy_range=(1e3, 5e3),
+                  lartpc_points=(200, 400), gamma_pi0_per_class=20, n_val=12, n_lartpc_val=6, n_test=24, n_lartpc_test=8,
+                  pretrain_steps=3, pretrain_lartpc_steps=3, pretrain_batch_points=4000, n_source=40,
+                  n_lartpc_pretrain=12, steps_at={"6": 4, "9": 4, "12": 6}, batch_points=3000,
+                  lartpc_batch_points=3000, lr_grid=[1e-3, 3e-3], linear_lr_grid=[1e-2], select_labels=6,
+                  val_every=2, patience=2, max_reference_points=2000, workers=1, threads=1),
 }
 
 
@@ -185,376 +187,592 @@ def clock(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def steps_for(n: int, config: Config) -> int:
+    """Maximum fine-tune steps with ``n`` labels: the entry of ``steps_at`` at the nearest label
+    count at or below ``n`` (the smallest one below all)."""
+    table = sorted((int(k), int(v)) for k, v in config.steps_at.items())
+    below = [steps for count, steps in table if count <= n]
+    return below[-1] if below else table[0][1]
+
+
+def label_counts(task: str, config: Config) -> list[int]:
+    """Label counts of a task: the main ones and the curve, capped at what its pool holds
+    (gamma_pi0: 600 per fold)."""
+    counts = sorted(set(config.n_labels) | set(config.curve_labels))
+    if TASKS[task].domain == "gamma_pi0":
+        cap = gamma_pi0_pool_size(config)
+        counts = sorted({min(n, cap) for n in counts})
+    return counts
+
+
 # ----------------------------------------------------------------------------- data
 
 
+def gamma_pi0_pool_size(config: Config) -> int:
+    """Showers a gamma_pi0 fold draws its labels from: three of the five blocks."""
+    total = 2 * (config.gamma_pi0_per_class or 500)
+    return total - len(np.array_split(np.arange(total), GAMMA_PI0_FOLDS)[0]) * 2
+
+
 def pool_size(config: Config) -> int:
-    """Labelled pool: the largest ``n`` plus what pcfm.finetune holds out for itself."""
-    largest = max(config.n_labels)
-    return int(math.ceil((largest + 5) / (1 - INTERNAL_TEST_FRACTION))) + 5
+    """Labelled pool of a simulated task: ``pool_factor`` times the largest label count, so that
+    the seeds of even the largest count draw different events."""
+    return int(math.ceil(config.pool_factor * max(set(config.n_labels) | set(config.curve_labels))))
 
 
-def particles_of(domain: str, config: Config) -> tuple:
-    return PARTICLES if domain == "pid" else tuple(config.regression_particles)
+def simulate(domain: str, n: int, seed: int, config: Config) -> list:
+    """``n`` events of a simulated domain as a list of ``Data`` (labels ``y`` / ``semantic`` included)."""
+    from pcfm.engine.data import simulate_pretraining_events
 
-
-def simulate(domain: str, n: int, seed: int, config: Config) -> EventList:
-    """``n`` events of a domain (target-geometry showers or LArTPC events) as a list of Data."""
     if domain == "lartpc":
         points = tuple(config.lartpc_points) if config.lartpc_points else None
         events = simulate_pretraining_events(LARTPC_GEOMETRY, n, lartpc_points=points, seed=seed)
     else:
-        events = simulate_pretraining_events(config.target_geometry, n, particles=particles_of(domain, config),
+        events = simulate_pretraining_events(TARGET_GEOMETRY, n, particles=DOMAIN_PARTICLES[domain],
                                              energy_range=tuple(config.energy_range), seed=seed)
-    return EventList([events[i] for i in range(len(events))])
+    return [events[i] for i in range(len(events))]
+
+
+def read_gamma_pi0(directory: Path = GEANT4_DIR, per_class: Optional[int] = None) -> list:
+    """The Geant4 photon (y = 0) and pi0 (y = 1) showers of ``directory`` as ``Data``, in file order
+    (the first ``per_class`` of each file when given)."""
+    import h5py
+
+    from pcfm.data.pointcloud import cells_to_data
+
+    events = []
+    for label, name in enumerate(GAMMA_PI0_FILES):
+        path = Path(directory) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is absent: the gamma_pi0 task needs the Geant4 files of shared/data/geant4")
+        with h5py.File(path, "r") as f:
+            showers, energies = f["showers"][:per_class], f["incident_energies"][:per_class].reshape(-1)
+        for shower, energy in zip(showers, energies):
+            event = cells_to_data(shower, float(energy), SOURCE_GEOMETRY)
+            event.y = torch.tensor([label])
+            events.append(event)
+    return events
+
+
+def gamma_pi0_fold(n_events: int, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool, validation, test) indices of fold ``fold``: a fixed shuffle cut in five blocks; test is
+    block ``fold``, validation the next one, the pool the other three."""
+    order = np.random.default_rng(12345).permutation(n_events)
+    blocks = np.array_split(order, GAMMA_PI0_FOLDS)
+    f = fold % GAMMA_PI0_FOLDS
+    pool = np.concatenate([blocks[i] for i in range(GAMMA_PI0_FOLDS) if i not in (f, (f + 1) % GAMMA_PI0_FOLDS)])
+    return np.sort(pool), np.sort(blocks[(f + 1) % GAMMA_PI0_FOLDS]), np.sort(blocks[f])
 
 
 def domain_settings(domain: str, config: Config) -> dict:
-    """What a domain's simulated pool and test set depend on (part of every run's settings)."""
+    """What a domain's events depend on (part of every run's settings)."""
+    if domain == "gamma_pi0":
+        return {"files": list(GAMMA_PI0_FILES), "folds": GAMMA_PI0_FOLDS, "per_class": config.gamma_pi0_per_class}
     if domain == "lartpc":
         return as_json({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points,
-                           "n_pool": pool_size(config), "n_test": config.n_lartpc_test,
-                           "seeds": [SEED_POOL[domain], SEED_TEST[domain]]})
-    return as_json({"geometry": config.target_geometry, "particles": particles_of(domain, config),
-                       "energy_range": config.energy_range, "n_pool": pool_size(config), "n_test": config.n_test,
-                       "seeds": [SEED_POOL[domain], SEED_TEST[domain]]})
+                        "sizes": [pool_size(config), config.n_lartpc_val, config.n_lartpc_test],
+                        "seeds": SEEDS[domain]})
+    return as_json({"geometry": TARGET_GEOMETRY, "particles": DOMAIN_PARTICLES[domain],
+                    "energy_range": config.energy_range, "sizes": [pool_size(config), config.n_val, config.n_test],
+                    "seeds": SEEDS[domain]})
 
 
-class Domains:
-    """The simulated pool and test set of each domain, each simulated on first use only (a rerun
-    whose fine-tunes are all reused simulates at most the regression test set, for the leak check)."""
+def data_file(workdir: Path, domain: str) -> Path:
+    return workdir / "data" / f"{domain}.pt"
 
-    def __init__(self, config: Config):
-        self.config, self.pools, self.tests = config, {}, {}
 
-    def _simulate(self, domain: str, what: str, n: int, seed: int) -> EventList:
-        start = time.perf_counter()
-        events = simulate(domain, n, seed, self.config)
-        where = LARTPC_GEOMETRY if domain == "lartpc" else self.config.target_geometry
-        log(f"[data] {domain}: simulated the {what} ({len(events)} events on {where}) in "
-            f"{time.perf_counter() - start:.1f} s")
-        return events
+def prepare_domain(domain: str, config: Config, workdir: Path) -> dict:
+    """Simulate (or read) a domain's events once and store them in the workdir, so that every worker
+    process loads the same events; reused when the settings match."""
+    path = data_file(workdir, domain)
+    settings = domain_settings(domain, config)
+    if path.is_file():
+        stored = torch.load(path, weights_only=False)
+        if stored["settings"] == settings:
+            return stored
+    start = time.perf_counter()
+    if domain == "gamma_pi0":
+        events = read_gamma_pi0(per_class=config.gamma_pi0_per_class)
+        parts = {"all": events}
+    else:
+        pool_seed, val_seed, test_seed = SEEDS[domain]
+        n_val, n_test = (config.n_lartpc_val, config.n_lartpc_test) if domain == "lartpc" else (config.n_val, config.n_test)
+        parts = {"pool": simulate(domain, pool_size(config), pool_seed, config),
+                 "val": simulate(domain, n_val, val_seed, config),
+                 "test": simulate(domain, n_test, test_seed, config)}
+    stored = {"settings": settings, **parts}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(stored, tmp)
+    sizes = ", ".join(f"{name} {len(events)}" for name, events in parts.items())
+    log(f"[data] {domain}: {sizes} events in {time.perf_counter() - start:.1f} s")
+    return stored
 
-    def pool(self, domain: str) -> EventList:
-        if domain not in self.pools:
-            self.pools[domain] = self._simulate(domain, "labelled pool", pool_size(self.config), SEED_POOL[domain])
-        return self.pools[domain]
 
-    def test(self, domain: str) -> EventList:
-        if domain not in self.tests:
-            n_test = self.config.n_lartpc_test if domain == "lartpc" else self.config.n_test
-            self.tests[domain] = self._simulate(domain, "test set", n_test, SEED_TEST[domain])
-        return self.tests[domain]
+_DOMAIN_CACHE: dict = {}
+
+
+def load_domain(domain: str, workdir: Path) -> dict:
+    key = (str(workdir), domain)
+    if key not in _DOMAIN_CACHE:
+        _DOMAIN_CACHE[key] = torch.load(data_file(workdir, domain), weights_only=False)
+    return _DOMAIN_CACHE[key]
+
+
+def class_labels(events: list) -> np.ndarray:
+    return np.array([int(e.y) for e in events], dtype=np.int64)
+
+
+def split_for(task: str, n: int, seed: int, workdir: Path) -> tuple[list, list, list, np.ndarray]:
+    """(train, validation, test) events of a run, and the training indices into its pool. The
+    same for every arm and the references."""
+    from pcfm.api_finetune import balanced_subset
+
+    spec = TASKS[task]
+    stored = load_domain(spec.domain, workdir)
+    if spec.domain == "gamma_pi0":
+        events = stored["all"]
+        pool_index, val_index, test_index = gamma_pi0_fold(len(events), seed)
+        pool = [events[i] for i in pool_index]
+        val, test = [events[i] for i in val_index], [events[i] for i in test_index]
+    else:
+        pool, val, test = stored["pool"], stored["val"], stored["test"]
+    everything = np.arange(len(pool))
+    if spec.finetune_task == "classification":
+        train = balanced_subset(everything, class_labels(pool), min(n, len(pool)), seed)
+    else:
+        train = np.sort(np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False))
+    return [pool[i] for i in train], val, test, train
 
 
 # ----------------------------------------------------------------------------- pretraining
 
 
-def pretrain_settings(source: str, model: Any, config: Config) -> dict:
+def pretrain_settings(source: str, config: Config) -> dict:
     if source == "showers":
-        return as_json({"source": source, "model": model, "geometry": config.source_geometries,
-                           "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source,
-                           "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points,
-                           "lr": config.pretrain_lr, "seed": SEED_SOURCE, "accelerator": config.accelerator})
-    return as_json({"source": source, "model": model, "geometry": LARTPC_GEOMETRY,
-                       "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain,
-                       "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points,
-                       "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN, "accelerator": config.accelerator})
+        return as_json({"source": source, "model": config.model, "geometry": SOURCE_GEOMETRY,
+                        "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source,
+                        "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points,
+                        "lr": config.pretrain_lr, "seed": SEED_SOURCE})
+    return as_json({"source": source, "model": config.model, "geometry": LARTPC_GEOMETRY,
+                    "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain,
+                    "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points,
+                    "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN})
 
 
-def run_pretraining(source: str, model: Any, config: Config, workdir: Path) -> dict:
-    """MPM pretraining of ``model`` on ``source``; reused when finished in ``workdir`` with the same
-    settings, resumed when interrupted, started afresh when the settings differ."""
-    folder = workdir / "pretrain" / source / model_label(model)
-    settings = pretrain_settings(source, model, config)
+def pretrain_folder(source: str, config: Config, workdir: Path) -> Path:
+    return workdir / "pretrain" / source / model_label(config.model)
+
+
+def run_pretraining(source: str, config: Config, workdir: Path) -> dict:
+    """MPM pretraining on ``source``; reused when finished with the same settings, resumed when
+    interrupted, started afresh when the settings differ."""
+    from pcfm.api import pretrain
+
+    folder = pretrain_folder(source, config, workdir)
+    settings = pretrain_settings(source, config)
     record_file = folder / "settings.json"
     stored = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    checkpoint = folder / "checkpoints" / "last.ckpt"
-    name = f"[pretrain {source} {model_label(model)}]"
-    if stored.get("settings") == settings and stored.get("done") and checkpoint.is_file():
-        log(f"{name} reused from {folder} ({stored['summary']['seconds']:.0f} s when it ran)")
+    if stored.get("settings") == settings and stored.get("done") and (folder / "checkpoints" / "last.ckpt").is_file():
         return {**stored["summary"], "reused": True}
     if stored.get("settings") != settings and folder.exists():
         shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(record_file) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "done": False}))
     steps = settings["steps"]
-    geometry = settings["geometry"]
-    log(f"{name} masked point modelling on {geometry if isinstance(geometry, str) else ' + '.join(geometry)}: "
-        f"{settings['n_events']} events, {steps} steps, "
-        f"batches of {settings['batch_points']} points, in {folder}")
     options = {"particles": PARTICLES, "energy_range": tuple(config.energy_range)} if source == "showers" else {
         "lartpc_points": tuple(config.lartpc_points) if config.lartpc_points else None}
     start = time.perf_counter()
-    result = pretrain("mpm", geometry=geometry, model=model, max_steps=steps, batch_points=settings["batch_points"],
-                      lr=settings["lr"], n_events=settings["n_events"], val_fraction=0.05, workdir=folder,
-                      resume=True, accelerator=config.accelerator, devices=1, seed=settings["seed"], progress=False,
-                      log_every_n_steps=max(1, min(50, steps // 20)),
-                      checkpoint_every_n_steps=max(1, min(500, steps // 4)), data_options=options)
+    result = pretrain("mpm", geometry=settings["geometry"], model=config.model, max_steps=steps,
+                      batch_points=settings["batch_points"], lr=settings["lr"], n_events=settings["n_events"],
+                      val_fraction=0.05, workdir=folder, resume=True, accelerator="cpu", devices=1,
+                      seed=settings["seed"], progress=False, log_every_n_steps=max(1, min(50, steps // 20)),
+                      checkpoint_every_n_steps=max(1, min(250, steps // 4)), data_options=options)
     seconds = time.perf_counter() - start
     losses = [row["train/loss"] for row in result.history if "train/loss" in row]
-    summary = {"source": source, "model": model_label(model),
-               "geometry": geometry if isinstance(geometry, str) else "+".join(geometry), "steps": steps,
-               "n_events": settings["n_events"], "seconds": round(seconds, 1),
+    summary = {"source": source, "model": model_label(config.model), "geometry": settings["geometry"],
+               "steps": steps, "n_events": settings["n_events"], "seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(1, steps), 4), "first_loss": losses[0] if losses else None,
                "final_loss": float(np.mean(losses[-3:])) if losses else None,
                "val_loss": result.metrics.get("val/loss"), "checkpoint": str(result.checkpoint_path)}
     with atomic_path(record_file) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "done": True, "summary": summary}))
-    log(f"{name} done in {seconds:.0f} s ({summary['seconds_per_step']:.3f} s/step), loss "
-        f"{fmt(summary['first_loss'])} -> {fmt(summary['final_loss'])}, validation {fmt(summary['val_loss'])}")
     return {**summary, "reused": False}
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def evaluate_on(module, dataset, task: str, targets, batch_points: int, device: str) -> dict:
-    """:func:`~pcfm.tasks.finetune.task_metrics` of ``module`` on every event of ``dataset``."""
-    spec_field = {"classification": "y", "segmentation": "semantic"}.get(task)
-    sizes = event_sizes(dataset)
-    indices = np.flatnonzero(sizes >= 1)
-    loader = DataLoader(LabelledView(dataset, indices, spec_field),
-                        batch_sampler=PointBudgetBatchSampler(sizes[indices], batch_points, shuffle=False))
-    module = module.to(device).eval()
-    predictions, truths = [], []
-    with torch.no_grad():
-        for batch in loader:
-            out = module.predict(batch.to(device))
-            predictions.append(out["prediction"].cpu())
-            truths.append(out["truth"].cpu())
-    metrics = task_metrics(task, torch.cat(predictions).numpy(), torch.cat(truths).numpy(), targets)
-    metrics["n_test"] = int(len(indices))
-    return metrics
+@dataclass(frozen=True)
+class Job:
+    """One fine-tune (arm scratch / pretrained / linear) or one reference fit (arm reference)."""
+
+    task: str
+    arm: str
+    n: int
+    seed: int
+    lr: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        lr = "" if self.lr is None else f" lr={self.lr:g}"
+        return f"{self.task} {self.arm} n={self.n} seed={self.seed}{lr}"
+
+    def folder(self, config: Config, workdir: Path) -> Path:
+        lr = "" if self.lr is None else f"_lr{self.lr:g}"
+        return workdir / "runs" / self.task / model_label(config.model) / self.arm / f"n{self.n}_seed{self.seed}{lr}"
 
 
-def target_leak(module, dataset, task: str, device: str, targets: tuple[str, ...] = ("incident_energy",),
-                n_events: int = 32) -> Optional[dict]:
+def job_settings(job: Job, config: Config) -> dict:
+    spec = TASKS[job.task]
+    common = {"job": dataclasses.asdict(job), "data": domain_settings(spec.domain, config)}
+    if job.arm == "reference":
+        return as_json({**common, "max_points": config.max_reference_points})
+    lartpc = spec.domain == "lartpc"
+    return as_json({
+        **common, "model": config.model, "task": spec.finetune_task,
+        "pretraining": None if job.arm == "scratch" else pretrain_settings(spec.pretrained_from, config),
+        "mode": "linear" if job.arm == "linear" else "full", "max_steps": steps_for(job.n, config),
+        "batch_points": config.lartpc_batch_points if lartpc else config.batch_points,
+        "val_every": config.val_every, "patience": config.patience, "augment": config.augment})
+
+
+def target_leak(module, events: list, targets: tuple = ("incident_energy",), n_events: int = 32) -> dict:
     """Regression: the largest change of the (standardised) outputs of ``n_events`` test events when
-    only the true values of the model's targets change (energy x2, angle + 0.1 rad; a field that
-    is not a target, such as a known angle, is a legitimate input and stays), and whether it
-    exceeds :data:`LEAK_THRESHOLD` and the run-to-run noise: then the model reads its label."""
-    if task != "regression":
-        return None
-    indices = np.arange(min(n_events, len(dataset)))
-    batch = next(iter(DataLoader(LabelledView(dataset, indices, None), batch_size=len(indices)))).to(device)
+    only their true incident energy changes (x2): above :data:`LEAK_THRESHOLD` (and the run-to-run
+    noise), the model reads its label."""
+    from torch_geometric.data import Batch
+
+    from pcfm.api_finetune import LabelledView
+
+    view = LabelledView(events, np.arange(min(n_events, len(events))), None)
+    batch = Batch.from_data_list([view[i] for i in range(len(view))])
     changed = batch.clone()
-    if "incident_energy" in targets:
-        changed.incident_energy = batch.incident_energy * 2.0
-    if "theta" in targets:
-        changed.theta = batch.theta + 0.1
-    module = module.to(device).eval()
+    changed.incident_energy = batch.incident_energy * 2.0
+    module = module.cpu().eval()
     with torch.no_grad():
         reference = module(batch).float()
-        noise = float((module(batch).float() - reference).abs().max())  # non-deterministic kernels
+        noise = float((module(batch).float() - reference).abs().max())
         change = float((module(changed).float() - reference).abs().max())
     return {"change": change, "detected": change > max(LEAK_THRESHOLD, 10 * noise)}
 
 
-def calibration_baseline(domains: Domains, config: Config) -> list[dict]:
-    """Regression reference without a network: log E = a log E_visible + b by least squares on
-    ``n`` pool events (seeded random subsets), scored on the regression test set."""
-    def visible_and_true(events) -> tuple[np.ndarray, np.ndarray]:
-        pairs = [(float(e.energy.sum()), float(e.incident_energy)) for e in events]
-        return tuple(np.log(np.array(column)) for column in zip(*pairs))
+def run_network(job: Job, config: Config, workdir: Path, settings: dict) -> dict:
+    """One fine-tune through :func:`pcfm.finetune` on the run's exact train / validation / test events."""
+    from pcfm.api_finetune import finetune
 
-    test_x, test_y = visible_and_true(domains.test(TASKS["regression"].domain))
-    pool = domains.pool(TASKS["regression"].domain)
-    rows = []
-    for n in config.n_labels:
-        for seed in config.seeds:
-            picks = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-            x, y = visible_and_true([pool[int(i)] for i in picks])
-            slope, intercept = np.polyfit(x, y, 1)
-            metrics = task_metrics("regression", np.exp(slope * test_x + intercept)[:, None], np.exp(test_y)[:, None],
-                                   ("incident_energy",))
-            rows.append({"part": "baseline", "task": "regression", "arm": "visible-energy calibration",
-                         "n_labels": n, "seed": seed, "metrics": {**metrics, "n_test": int(test_x.size)}})
-    return rows
-
-
-def finetune_steps(spec: TaskSpec, n: int, config: Config) -> int:
-    """Fine-tune steps with ``n`` labels: the configured steps at the smallest label count, times
-    ``(n / smallest) ** label_step_exponent`` (0: the same steps for every n; 0.5: ten times the
-    labels get about three times the steps, so a larger training set is not cut short)."""
-    base = config.finetune_lartpc_steps if spec.domain == "lartpc" else config.finetune_steps
-    return max(1, round(base * (n / min(config.n_labels)) ** config.label_step_exponent))
-
-
-def run_settings(spec: TaskSpec, init: str, model: Any, n: int, seed: int, config: Config,
-                 pretrain_record: Optional[dict]) -> dict:
-    lartpc = spec.domain == "lartpc"
-    return as_json({
-        "task": spec.finetune_task, "init": init, "model": model,
-        "pretraining": None if pretrain_record is None else pretrain_settings(init, model, config),
-        "n_labels": n, "seed": seed, "mode": arm_mode(init, config),
-        "steps": finetune_steps(spec, n, config),
-        "batch_points": config.finetune_lartpc_batch_points if lartpc else config.finetune_batch_points,
-        "lr": config.finetune_lr, "data": domain_settings(spec.domain, config), "accelerator": config.accelerator,
-    })
+    spec = TASKS[job.task]
+    train, val, test, train_index = split_for(job.task, job.n, job.seed, workdir)
+    checkpoint = None
+    if job.arm != "scratch":
+        checkpoint = str(pretrain_folder(spec.pretrained_from, config, workdir) / "checkpoints" / "last.ckpt")
+    folder = job.folder(config, workdir)
+    start = time.perf_counter()
+    result = finetune(spec.finetune_task, data=train, checkpoint=checkpoint, model=config.model,
+                      mode=settings["mode"], n_labels=None, val_data=val, test_data=test,
+                      class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
+                      batch_points=settings["batch_points"], lr=job.lr, augment=config.augment, workdir=folder,
+                      resume=False, patience=config.patience, val_every_n_steps=config.val_every,
+                      checkpoint_every_n_steps=config.val_every, seed=job.seed, accelerator="cpu", devices=1,
+                      progress=False, log_every_n_steps=max(1, min(25, config.val_every)))
+    seconds = time.perf_counter() - start
+    losses = [row["train/loss"] for row in result.history if "train/loss" in row]
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    record = {"metrics": metrics, "n_train": len(train), "train_index_digest": digest(train_index),
+              "seconds": round(seconds, 1), "steps": result.training.get("steps"),
+              "tested_step": result.training.get("tested_step"), "stopped_early": result.training.get("stopped_early"),
+              "val_loss": result.training.get("best_val_loss"),
+              "final_train_loss": float(np.mean(losses[-3:])) if losses else None,
+              "label_leak": target_leak(result.module, test) if spec.finetune_task == "regression" else None}
+    for path in (folder / "checkpoints").glob("*.ckpt"):  # keep the record and metrics, not 1000 checkpoints
+        if path.name != "best.ckpt":
+            path.unlink()
+    return record
 
 
-def arm_mode(init: str, config: Config) -> str:
-    return config.mode if init == "scratch" else (config.pretrained_mode or config.mode)
+def digest(indices: np.ndarray) -> str:
+    return hashlib.sha1(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
-def run_finetune(spec: TaskSpec, init: str, model: Any, n: int, seed: int, config: Config, workdir: Path,
-                 domains: Domains, pretrain_record: Optional[dict]) -> dict:
-    """One fine-tune (or its record, when it finished before with the same settings): the metrics
-    on the task's fixed test set, times, and the label-leak check."""
-    folder = workdir / "finetune" / spec.finetune_task / model_label(model) / init / f"n{n}_seed{seed}"
-    settings = run_settings(spec, init, model, n, seed, config, pretrain_record)
+def run_reference(job: Job, config: Config, workdir: Path) -> dict:
+    """The simple references on the run's exact train / validation / test events."""
+    import references
+
+    spec = TASKS[job.task]
+    train, val, test, train_index = split_for(job.task, job.n, job.seed, workdir)
+    start = time.perf_counter()
+    if spec.finetune_task == "segmentation":
+        result = references.segment(train, val, test, job.seed, max_train_points=config.max_reference_points,
+                                    threads=1)
+    else:
+        geometry = SOURCE_GEOMETRY if spec.domain == "gamma_pi0" else TARGET_GEOMETRY
+        classification = spec.finetune_task == "classification"
+        features = [references.shower_features(part, geometry, use_incident_energy=classification)
+                    for part in (train, val, test)]
+        if classification:
+            labels = [class_labels(part) for part in (train, val, test)]
+            result = references.classify(features[0], labels[0], features[1], labels[1], features[2], labels[2],
+                                         job.seed, threads=1)
+        else:
+            labels = [np.log(np.array([float(e.incident_energy) for e in part])) for part in (train, val, test)]
+            result = references.regress_energy(features[0], labels[0], features[1], labels[1], features[2],
+                                               labels[2], job.seed, threads=1)
+    models = {}
+    for name, entry in result.items():
+        models[name] = {"chosen": entry.get("model", name), "params": entry.get("params"),
+                        "val_score": entry.get("val_accuracy", entry.get("val_resolution", entry.get("val_mean_f1"))),
+                        "metrics": {k: float(v) for k, v in entry["test"].items() if isinstance(v, (int, float))}}
+    return {"metrics": models["best"]["metrics"], "models": models, "n_train": len(train),
+            "train_index_digest": digest(train_index), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def execute(job: Job, config: Config, workdir: Path) -> dict:
+    """Run a job, or return its record when it finished before with the same settings."""
+    folder = job.folder(config, workdir)
+    settings = job_settings(job, config)
     record_file = folder / RUN_RECORD
-    if record_file.is_file() and (folder / "metrics.json").is_file():
+    if record_file.is_file():
         stored = json.loads(record_file.read_text())
         if stored.get("settings") == settings:
-            record = stored["result"]
-            if spec.finetune_task == "regression":  # the check belongs to this code, not the run's
-                record = {**record, "label_leak": recheck_leak(spec, folder, domains, device_for(config.accelerator))}
-            return {**record, "reused": True}
+            return {**stored["result"], "reused": True}
     if folder.exists():
         shutil.rmtree(folder)
-    pool, test = domains.pool(spec.domain), domains.test(spec.domain)
-    device = device_for(config.accelerator)
-    targets = ("incident_energy",)
-    start = time.perf_counter()
-    result = finetune(spec.finetune_task, data=pool, checkpoint=None if pretrain_record is None
-                      else pretrain_record["checkpoint"], model=model, mode=settings["mode"], n_labels=n,
-                      targets=targets, test_fraction=INTERNAL_TEST_FRACTION, val_fraction=0.0,
-                      max_steps=settings["steps"], batch_points=settings["batch_points"], lr=settings["lr"],
-                      workdir=folder, seed=seed, accelerator=config.accelerator, devices=1, progress=False,
-                      log_every_n_steps=max(1, min(50, settings["steps"] // 10)))
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = evaluate_on(result.module, test, spec.finetune_task, targets, config.eval_batch_points, device)
-    leak = target_leak(result.module, test, spec.finetune_task, device, targets)
-    losses = [row["train/loss"] for row in result.history if "train/loss" in row]
-    record = {"metrics": metrics, "n_train": result.metrics.get("n_train"), "train_seconds": round(train_seconds, 2),
-              "eval_seconds": round(time.perf_counter() - start, 2), "steps": settings["steps"],
-              "mode": settings["mode"], "final_train_loss": float(np.mean(losses[-3:])) if losses else None,
-              "label_leak": leak, "folder": str(folder)}
+    folder.mkdir(parents=True)
+    record = run_reference(job, config, workdir) if job.arm == "reference" else run_network(job, config, workdir,
+                                                                                            settings)
     with atomic_path(record_file) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "result": record}, allow_nan=True))
     return {**record, "reused": False}
 
 
-def recheck_leak(spec: TaskSpec, folder: Path, domains: Domains, device: str) -> Optional[dict]:
-    """The label-leak check of a finished fine-tune, done again on its saved final weights."""
-    checkpoint = folder / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
-        return None
-    module = FinetuneModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    return target_leak(module, domains.test(spec.domain), spec.finetune_task, device, tuple(module.hparams.targets))
+def _worker_setup(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+    bench = str(Path(__file__).resolve().parent)
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    quiet_lightning()
 
 
-def leaked(run: dict) -> bool:
-    return bool((run.get("label_leak") or {}).get("detected"))
+def _execute_task(args) -> tuple:
+    kind, payload, config, workdir = args
+    try:
+        if kind == "pretrain":
+            return kind, payload, run_pretraining(payload, config, workdir), None
+        return kind, payload, execute(payload, config, workdir), None
+    except Exception as error:  # reported by the parent with the job's name
+        import traceback
+        return kind, payload, None, f"{error!r}\n{traceback.format_exc()}"
 
 
-def arms_of(task: str) -> list[tuple[str, str]]:
-    """(arm, init) pairs of a task: the pretrained arm first, then scratch."""
-    return [("pretrained", TASKS[task].pretrained_from), ("scratch", "scratch")]
+class Runner:
+    """Runs jobs in ``workers`` processes (in this process with one worker), logging each as it ends."""
+
+    def __init__(self, config: Config, workdir: Path):
+        self.config, self.workdir, self.start = config, workdir, time.perf_counter()
+        self.pool = None
+        if config.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self.pool = futures.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_setup,
+                                                    initargs=(config.threads,))
+
+    def run(self, items: list) -> dict:
+        """``{item: record}`` of ``items``: ``("pretrain", source)`` or ``("job", Job)`` pairs, run in
+        any order (none may need another's result)."""
+        out, args = {}, [(kind, item, self.config, self.workdir) for kind, item in items]
+        if self.pool:
+            results = (future.result() for future in futures.as_completed(
+                [self.pool.submit(_execute_task, arg) for arg in args]))
+        else:
+            results = map(_execute_task, args)
+        for done, (kind, item, record, error) in enumerate(results, 1):
+            name = f"pretrain {item}" if kind == "pretrain" else item.name
+            if error:
+                raise RuntimeError(f"{name} failed: {error}")
+            out[(kind, item)] = record
+            detail = "reused" if record.get("reused") else f"{record['seconds']:.0f} s"
+            shown = "" if kind == "pretrain" else \
+                f": {TASKS[item.task].metric} {record['metrics'].get(TASKS[item.task].metric, math.nan):.4f}"
+            log(f"[{done}/{len(items)}] {name}{shown} ({detail}; elapsed {clock(time.perf_counter() - self.start)})")
+        return out
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
 
 
-def planned_runs(config: Config) -> list[tuple[str, str, str, Any, int, int]]:
-    """(task, arm, init, model, n, seed) of every row, in running order: models, seeds, n, tasks."""
-    return [(task, arm, init, model, n, seed) for model in config.models for seed in config.seeds
-            for n in config.n_labels for task in config.tasks for arm, init in arms_of(task)]
+# ----------------------------------------------------------------------------- plan
 
 
-# ----------------------------------------------------------------------------- aggregation and verdict
+def lr_grid(arm: str, config: Config) -> list:
+    return list(config.linear_lr_grid if arm == "linear" else config.lr_grid)
 
 
-def aggregate(rows: list[dict], config: Config) -> list[dict]:
-    """Mean and spread (sample std over seeds; 0 with one seed) per (task, model, arm, n)."""
-    out = []
+def selection_jobs(config: Config) -> list[Job]:
+    """The learning-rate choice: seed 0 with ``select_labels`` labels, each lr of the arm's grid."""
+    return [Job(task, arm, config.select_labels, config.seeds[0], lr) for task in config.tasks for arm in config.arms
+            if len(lr_grid(arm, config)) > 1 for lr in lr_grid(arm, config)]
+
+
+def chosen_lr(task: str, arm: str, records: dict, config: Config) -> float:
+    grid = lr_grid(arm, config)
+    if len(grid) == 1:
+        return grid[0]
+    scores = [(records[Job(task, arm, config.select_labels, config.seeds[0], lr)]["val_loss"], lr) for lr in grid]
+    return min(scores, key=lambda item: (math.inf if item[0] is None or not math.isfinite(item[0]) else item[0]))[1]
+
+
+def arm_runs_at(task: str, arm: str, n: int, config: Config) -> bool:
+    """Whether ``arm`` runs with ``n`` labels (``arm_labels``; an arm not named there runs at every
+    count; gamma_pi0's largest count stands for the largest asked)."""
+    asked = config.arm_labels.get(arm)
+    if asked is None:
+        return True
+    counts = label_counts(task, config)
+    return n in asked or (n == max(counts) and max(asked) >= n and TASKS[task].domain == "gamma_pi0")
+
+
+def main_jobs(config: Config, lrs: dict) -> list[Job]:
+    """Every fine-tune and reference of the benchmark, with the chosen learning rates."""
+    jobs = []
     for task in config.tasks:
-        spec = TASKS[task]
-        for model in config.models:
-            for arm, init in arms_of(task):
-                for n in config.n_labels:
-                    runs = [r for r in rows if r.get("part") == "run" and r["task"] == task and r["arm"] == arm
-                            and r["model"] == model_label(model) and r["n_labels"] == n]
-                    if not runs:
+        for n in label_counts(task, config):
+            curve_only = n not in config.n_labels and not (TASKS[task].domain == "gamma_pi0"
+                                                           and n == max(label_counts(task, config)))
+            seeds = config.curve_seeds if curve_only else config.seeds
+            for seed in seeds:
+                if config.references:
+                    jobs.append(Job(task, "reference", n, seed))
+                for arm in config.arms:
+                    if not arm_runs_at(task, arm, n, config):
                         continue
-                    values = np.array([r["metrics"][spec.metric] for r in runs], dtype=float)
-                    row = {"part": "aggregate", "task": task, "model": model_label(model), "arm": arm, "init": init,
-                           "n_labels": n, "metric": spec.metric, "higher_is_better": spec.higher_is_better,
-                           "n_seeds": len(runs), "mean": float(values.mean()),
-                           "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                           "values": values.tolist(),
-                           "label_leak": any(leaked(r) for r in runs)}
-                    for name in spec.secondary:
-                        extra = np.array([r["metrics"].get(name, math.nan) for r in runs], dtype=float)
-                        row[name + "_mean"] = float(extra.mean())
-                        row[name + "_std"] = float(extra.std(ddof=1)) if len(extra) > 1 else 0.0
-                    out.append(row)
+                    jobs.append(Job(task, arm, n, seed, lrs.get((task, arm))))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- aggregation and checks
+
+
+def mean_and_error(values: list[float]) -> dict:
+    values = np.asarray(values, dtype=float)
+    error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+    return {"mean": float(values.mean()), "standard_error": error, "n_seeds": int(len(values)),
+            "values": values.tolist()}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and standard error over seeds per (task, arm, n)."""
+    out = []
+    for key in sorted({(r["task"], r["arm"], r["n_labels"]) for r in rows if r["part"] == "run"}):
+        task, arm, n = key
+        spec = TASKS[task]
+        runs = [r for r in rows if r["part"] == "run" and (r["task"], r["arm"], r["n_labels"]) == key]
+        row = {"part": "aggregate", "task": task, "arm": arm, "n_labels": n, "metric": spec.metric,
+               "higher_is_better": spec.higher_is_better,
+               **mean_and_error([r["metrics"][spec.metric] for r in runs]),
+               "lr": runs[0].get("lr"), "label_leak": any((r.get("label_leak") or {}).get("detected") for r in runs)}
+        for name in spec.secondary:
+            row[name + "_mean"] = float(np.mean([r["metrics"].get(name, math.nan) for r in runs]))
+        if arm == "reference":
+            chosen = [r["models"]["best"]["chosen"] for r in runs]
+            row["chosen"] = {name: chosen.count(name) for name in sorted(set(chosen))}
+        out.append(row)
     return out
 
 
-def target_checks(aggregates: list[dict], config: Config) -> list[dict]:
-    """Pretrained at the fewer labels against scratch at the more labels, per task and model."""
-    low, high = config.target_labels
-    checks = []
+def compare(a: Optional[dict], b: Optional[dict], higher_is_better: bool) -> dict:
+    """``a >= b`` (better or equal in the task's sense) within one standard error of the difference."""
+    if a is None or b is None:
+        return {"met": None, "note": "not measured"}
+    sign = 1.0 if higher_is_better else -1.0
+    advantage = sign * (a["mean"] - b["mean"])
+    error = math.sqrt(sum((x["standard_error"] or 0.0) ** 2 for x in (a, b)))
+    return {"met": bool(advantage >= -error), "advantage": advantage, "standard_error": error}
+
+
+SUMMARY_KEYS = (("pretrained@100", "pretrained", "low"), ("scratch@100", "scratch", "low"),
+                ("scratch@1000", "scratch", "high"), ("reference@100", "reference", "low"),
+                ("reference@1000", "reference", "high"), ("linear@100", "linear", "low"))
+
+
+def summarise(aggregates: list[dict], config: Config) -> dict:
+    """The issue-12 summary: per task the means and standard errors at 100 and 1000 labels (the
+    task's largest label count when its pool holds fewer), and the checks."""
+    low, high = min(config.n_labels), max(config.n_labels)
+    tasks = {}
     for task in config.tasks:
         spec = TASKS[task]
-        for model in config.models:
-            pick = lambda arm, n: next((a for a in aggregates if a["task"] == task and a["arm"] == arm  # noqa: E731
-                                        and a["model"] == model_label(model) and a["n_labels"] == n), None)
-            pretrained, scratch = pick("pretrained", low), pick("scratch", high)
-            row = {"part": "target", "task": task, "model": model_label(model), "metric": spec.metric,
-                   "pretrained_labels": low, "scratch_labels": high, "in_verdict": task in VERDICT_TASKS}
-            if pretrained is None or scratch is None:
-                checks.append({**row, "met": None, "note": f"not measured: needs n_labels {low} and {high}"})
-                continue
-            sign = 1.0 if spec.higher_is_better else -1.0
-            advantage = sign * (pretrained["mean"] - scratch["mean"])  # > 0: pretrained better
-            error = math.sqrt(pretrained["std"] ** 2 / pretrained["n_seeds"] + scratch["std"] ** 2 / scratch["n_seeds"])
-            leak = pretrained["label_leak"] or scratch["label_leak"]
-            notes = ["INVALID: the model's outputs change with the true target (label leak)"] if leak else []
-            scratch_low = pick("scratch", low)
-            if scratch_low is not None and low != high:
-                row["scratch_gain"] = sign * (scratch["mean"] - scratch_low["mean"])
-                if row["scratch_gain"] <= math.sqrt(scratch["std"] ** 2 / scratch["n_seeds"]
-                                                    + scratch_low["std"] ** 2 / scratch_low["n_seeds"]):
-                    notes.append(f"scratch does not improve from {low} to {high} labels: at this step budget "
-                                 f"more labels do not help it")
-            row.update(pretrained_mean=pretrained["mean"], pretrained_std=pretrained["std"],
-                       scratch_mean=scratch["mean"], scratch_std=scratch["std"], advantage=advantage,
-                       standard_error=error, beats=advantage > 0, met=advantage >= -error, valid=not leak,
-                       note="; ".join(notes))
-            checks.append(row)
-    return checks
+        counts = label_counts(task, config)
+        n_of = {"low": min(low, max(counts)), "high": min(high, max(counts))}
+        record = {"metric": spec.metric, "higher_is_better": spec.higher_is_better, "labels": n_of}
+        for key, arm, which in SUMMARY_KEYS:
+            found = next((a for a in aggregates if (a["task"], a["arm"], a["n_labels"]) == (task, arm, n_of[which])),
+                         None)
+            record[key] = None if found is None else {k: found[k] for k in ("mean", "standard_error", "n_seeds")}
+        record["checks"] = {
+            "scratch@1000 >= reference@1000": compare(record["scratch@1000"], record["reference@1000"],
+                                                      spec.higher_is_better),
+            "pretrained@100 >= reference@100": compare(record["pretrained@100"], record["reference@100"],
+                                                       spec.higher_is_better),
+            "pretrained@100 >= scratch@1000": compare(record["pretrained@100"], record["scratch@1000"],
+                                                      spec.higher_is_better),
+            "pretrained@100 >= scratch@100": compare(record["pretrained@100"], record["scratch@100"],
+                                                     spec.higher_is_better)}
+        tasks[task] = record
+    targets = []
+    for task in ("pid", "segmentation"):
+        if task in tasks:
+            for check in ("scratch@1000 >= reference@1000", "pretrained@100 >= reference@100"):
+                targets.append({"target": f"{task}: {check}", "met": tasks[task]["checks"][check]["met"]})
+    if "gamma_pi0" in tasks:
+        scratch = tasks["gamma_pi0"]["scratch@1000"]
+        targets.append({"target": f"gamma_pi0: scratch with {tasks['gamma_pi0']['labels']['high']} labels "
+                                  f"reaches accuracy 0.95", "met": None if scratch is None else scratch["mean"] >= 0.95})
+    transfer = [task for task, record in tasks.items() if record["checks"]["pretrained@100 >= scratch@1000"]["met"]]
+    targets.append({"target": "pretrained@100 >= scratch@1000 on at least two tasks", "met": len(transfer) >= 2,
+                    "tasks": transfer})
+    return {"tasks": tasks, "targets": targets,
+            "rule": "A >= B is met when mean(A) - mean(B) >= -(standard error of the difference), in the "
+                    "task's direction (lower is better for resolutions)"}
 
 
-def verdict(checks: list[dict], config: Config) -> dict:
-    """Per model: how many of the three tasks meet the target (valid checks only): met on two or
-    more; None when tasks not measured could still decide it. Overall: met when some model meets
-    it, not met when none can, else None."""
-    per_model = {}
-    for model in config.models:
-        name = model_label(model)
-        mine = [c for c in checks if c["model"] == name and c["in_verdict"] and c.get("met") is not None]
-        met = [c["task"] for c in mine if c["met"] and c.get("valid", True)]
-        unchecked = len(VERDICT_TASKS) - len(mine)
-        decided = True if len(met) >= 2 else (False if len(met) + unchecked < 2 else None)
-        per_model[name] = {"tasks_checked": [c["task"] for c in mine], "tasks_met": met,
-                           "tasks_invalid": [c["task"] for c in mine if not c.get("valid", True)],
-                           "met": decided}
-    low, high = config.target_labels
-    return {"rule": f"pretrained with {low} labels matches or beats scratch with {high} labels (mean over seeds, "
-                    f"within one standard error) on at least two of {', '.join(VERDICT_TASKS)}; tasks with a label "
-                    f"leak do not count",
-            "per_model": per_model, "models_meeting": [m for m, v in per_model.items() if v["met"]],
-            "met": True if any(v["met"] for v in per_model.values()) else
-            (False if all(v["met"] is False for v in per_model.values()) else None)}
+# ----------------------------------------------------------------------------- coverage
+
+
+def coverage_rows(config: Config, workdir: Path) -> list[dict]:
+    """Token coverage of the backbone (:func:`pcfm.nn.token_coverage`) on events of both detector
+    families: mean and minimum over events."""
+    from torch_geometric.data import Batch
+
+    from pcfm.api_finetune import pretrained_backbone
+    from pcfm.nn import Backbone, token_coverage
+
+    backbone_config, _ = pretrained_backbone(None, config.model)
+    backbone = Backbone(backbone_config).eval()
+    samples = {}
+    if any(TASKS[t].domain == "lartpc" for t in config.tasks):
+        samples["lartpc-768 (test events)"] = load_domain("lartpc", workdir)["test"]
+    for task in config.tasks:
+        domain = TASKS[task].domain
+        if domain in DOMAIN_PARTICLES and "par04-scipb (test showers)" not in samples:
+            samples["par04-scipb (test showers)"] = load_domain(domain, workdir)["test"][:500]
+        if domain == "gamma_pi0":
+            samples["calochallenge-ds2 (Geant4 gamma / pi0)"] = load_domain(domain, workdir)["all"]
+    rows = []
+    for name, events in samples.items():
+        with torch.no_grad():
+            values = [token_coverage(backbone, Batch.from_data_list([event])) for event in events]
+        rows.append({"part": "coverage", "events": name, "n_events": len(values), "mean": float(np.mean(values)),
+                     "min": float(np.min(values))})
+        log(f"[coverage] {name}: mean {np.mean(values):.4f}, min {np.min(values):.4f} over {len(values)} events")
+    return rows
 
 
 # ----------------------------------------------------------------------------- plot and report
 
 
 def make_plot(aggregates: list[dict], config: Config, path: Path) -> Optional[str]:
-    """Metric against labels per task (log x), pretrained vs scratch, error bars = std over seeds.
+    """Metric against labels per task (log x), one line per arm, error bars = standard errors.
     Returns why it was skipped, or None."""
     try:
         from matplotlib.figure import Figure
@@ -563,36 +781,22 @@ def make_plot(aggregates: list[dict], config: Config, path: Path) -> Optional[st
     tasks = [t for t in config.tasks if any(a["task"] == t for a in aggregates)]
     if not tasks:
         return "no results"
-    from matplotlib.ticker import NullFormatter
-
-    columns = min(2, len(tasks))
+    columns = min(3, len(tasks))
     rows = int(math.ceil(len(tasks) / columns))
-    fig = Figure(figsize=(5.2 * columns, 3.8 * rows))
+    fig = Figure(figsize=(4.6 * columns, 3.6 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    markers = "osD^v"
-    low, high = config.target_labels
     for ax, task in zip(axes, tasks):
         spec = TASKS[task]
-        for k, model in enumerate(config.models):
-            mine = [a for a in aggregates if a["task"] == task and a["model"] == model_label(model)]
-            for arm, colour in (("pretrained", "C0"), ("scratch", "C1")):
-                points = sorted((a["n_labels"], a["mean"], a["std"]) for a in mine if a["arm"] == arm)
-                if points:
-                    n, mean, std = zip(*points)
-                    ax.errorbar(n, mean, yerr=std, fmt=markers[k % len(markers)] + "-", color=colour, capsize=3,
-                                alpha=1.0 - 0.3 * k / max(1, len(config.models) - 1),
-                                label=f"{model_label(model)} {arm}"
-                                      + (f" (from {spec.pretrained_from})" if arm == "pretrained" else ""))
-            reference = [a["mean"] for a in mine if a["arm"] == "scratch" and a["n_labels"] == high]
-            if reference and len(config.models) == 1:
-                ax.axhline(reference[0], color="grey", linestyle=":", linewidth=1,
-                           label=f"scratch @ {high} (target level)")
+        for arm, style in (("pretrained", "o-C0"), ("scratch", "s-C1"), ("linear", "^--C2"), ("reference", "D:C7")):
+            points = sorted((a["n_labels"], a["mean"], a["standard_error"] or 0.0) for a in aggregates
+                            if a["task"] == task and a["arm"] == arm)
+            if points:
+                n, mean, error = zip(*points)
+                ax.errorbar(n, mean, yerr=error, fmt=style[:-2], color=style[-2:], capsize=3, label=arm)
         ax.set_xscale("log")
-        ax.set_xticks(sorted(config.n_labels), [str(n) for n in sorted(config.n_labels)])
-        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("labelled training events")
-        ax.set_ylabel(spec.metric + (" (lower is better)" if not spec.higher_is_better else ""))
-        ax.set_title(f"{task}: {spec.label}", fontsize=9)
+        ax.set_ylabel(spec.metric + ("" if spec.higher_is_better else " (lower is better)"))
+        ax.set_title(task, fontsize=9)
         ax.legend(fontsize=7)
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
@@ -600,132 +804,102 @@ def make_plot(aggregates: list[dict], config: Config, path: Path) -> Optional[st
     return None
 
 
-AGGREGATE_COLUMNS = [("task", "task", ""), ("model", "model", ""), ("arm", "arm", ""), ("init", "init", ""),
-                     ("labels", "n_labels", "d"), ("metric", "metric", ""), ("mean", "mean", ".4f"),
-                     ("std", "std", ".4f"), ("seeds", "n_seeds", "d"), ("macro F1", "mean_f1_mean", ".4f"),
-                     ("E bias", "incident_energy/bias_mean", ".4f"), ("point acc.", "accuracy_mean", ".4f")]
-TARGET_COLUMNS = [("task", "task", ""), ("model", "model", ""), ("metric", "metric", ""),
-                  ("pretrained @ fewer", "pretrained_mean", ".4f"), ("scratch @ more", "scratch_mean", ".4f"),
-                  ("advantage", "advantage", "+.4f"), ("std. error", "standard_error", ".4f"),
-                  ("scratch gain fewer -> more", "scratch_gain", "+.4f"),
-                  ("met", "met", ""), ("valid", "valid", ""), ("note", "note", "")]
-PRETRAIN_COLUMNS = [("source", "source", ""), ("model", "model", ""), ("geometry", "geometry", ""),
-                    ("events", "n_events", "d"), ("steps", "steps", "d"), ("s", "seconds", ".0f"),
-                    ("s/step", "seconds_per_step", ".3f"), ("first loss", "first_loss", ".3f"),
-                    ("final loss", "final_loss", ".3f"), ("val. loss", "val_loss", ".3f"), ("reused", "reused", "")]
+AGGREGATE_COLUMNS = [("task", "task", ""), ("arm", "arm", ""), ("labels", "n_labels", "d"), ("metric", "metric", ""),
+                     ("mean", "mean", ".4f"), ("s.e.", "standard_error", ".4f"), ("seeds", "n_seeds", "d"),
+                     ("lr", "lr", "g"), ("macro F1", "mean_f1_mean", ".4f"), ("E bias", "incident_energy/bias_mean", ".4f")]
+COVERAGE_COLUMNS = [("events", "events", ""), ("n", "n_events", "d"), ("mean coverage", "mean", ".4f"),
+                    ("lowest", "min", ".4f")]
+PRETRAIN_COLUMNS = [("source", "source", ""), ("geometry", "geometry", ""), ("events", "n_events", "d"),
+                    ("steps", "steps", "d"), ("s", "seconds", ".0f"), ("first loss", "first_loss", ".3f"),
+                    ("final loss", "final_loss", ".3f"), ("val. loss", "val_loss", ".3f")]
 
 
-def report(rows: list[dict], config_name: str, config: Config, command: str, machine: dict, plot: Optional[str]) -> str:
-    summary = next(r for r in rows if r.get("part") == "summary")
-    aggregates = [r for r in rows if r.get("part") == "aggregate"]
-    checks = [r for r in rows if r.get("part") == "target"]
-    runs = [r for r in rows if r.get("part") == "run"]
-    low, high = config.target_labels
-    lines = ["## Transfer across geometries (`benchmarks/transfer.py`)", "",
-             f"`{command}` — {machine.get('gpu', machine.get('cpu'))}, {machine.get('threads')} threads, "
-             f"torch {machine.get('torch')}; config `{config_name}`; {summary['total_wall_s']:.0f} s in all "
-             f"({summary['runs_fresh']} fine-tunes run now, {summary['runs_reused']} reused from the workdir).", "",
-             f"Pretraining: masked point modelling on {', '.join(config.source_geometries)} "
-             f"({', '.join(PARTICLES)}, {config.energy_range[0] / 1e3:g}-{config.energy_range[1] / 1e3:g} GeV) and on "
-             f"{LARTPC_GEOMETRY}. Fine-tuning on the unseen {config.target_geometry} (pid: {', '.join(PARTICLES)}; "
-             f"regression: {', '.join(config.regression_particles)}) and on "
-             f"{LARTPC_GEOMETRY} (segmentation), mode {config.mode}"
-             + (f" (pretrained arm: {config.pretrained_mode})" if config.pretrained_mode else "")
-             + f", lr {config.finetune_lr:g}, {config.finetune_steps} steps of {config.finetune_batch_points} points "
-             f"(LArTPC: {config.finetune_lartpc_steps} of {config.finetune_lartpc_batch_points})"
-             + (f" at {min(config.n_labels)} labels, times (n / {min(config.n_labels)})^"
-                f"{config.label_step_exponent:g} at n labels" if config.label_step_exponent else "")
-             + f"; the same for both arms. Test sets: {config.n_test} {config.target_geometry} and {config.n_lartpc_test} LArTPC events, "
-             f"fixed, simulated apart. Seeds {config.seeds} (labels and initialisation).", ""]
-    if config_name != "gpu":
-        lines += ["**Not the full study (`--config gpu`: tiny/small/base, up to 10,000 labels).**", ""]
-    lines += ["### Pretraining", "", markdown_table(summary["pretraining"], PRETRAIN_COLUMNS), "",
-              "### Mean and spread over seeds", "", markdown_table(aggregates, AGGREGATE_COLUMNS), "",
-              f"### Target: pretrained @ {low} labels vs scratch @ {high} labels", "",
-              "advantage > 0: pretrained better; met: advantage >= -(standard error of the difference); scratch "
-              "gain: what ten times the labels bring the scratch model (> 0: better).", "",
-              markdown_table(checks, TARGET_COLUMNS), ""]
-    baseline = [r for r in rows if r.get("part") == "baseline"]
-    if baseline:
-        metric = TASKS["regression"].metric
-        lines += ["Regression reference without a network (least squares of log E on log E_visible, n random pool "
-                  "events, the same test set): " + "; ".join(
-                      f"n = {n}: {metric} {np.mean(values):.4f} ± {np.std(values):.4f}"
-                      for n in sorted({r["n_labels"] for r in baseline})
-                      for values in [[r["metrics"][metric] for r in baseline if r["n_labels"] == n]]) + ".", ""]
-    result = summary["verdict"]
-    for model, entry in result["per_model"].items():
-        lines.append(f"- {model}: met on {entry['tasks_met'] or 'none'} of {entry['tasks_checked']}"
-                     + (f"; invalid (label leak): {entry['tasks_invalid']}" if entry["tasks_invalid"] else "")
-                     + f" -> {decision(entry['met']).upper()}")
-    lines += ["", f"**Verdict: {decision(result['met'])}** ({result['rule']}).", ""]
-    leaks = sorted({(r["task"], r["arm"]) for r in runs if leaked(r)})
+def cell(entry: Optional[dict]) -> str:
+    if entry is None:
+        return "-"
+    error = entry["standard_error"]
+    return f"{entry['mean']:.4f}" + ("" if error is None else f" ± {error:.4f}") + f" ({entry['n_seeds']})"
+
+
+def report(rows: list[dict], config_name: str, config: Config, command: str, machine: dict) -> str:
+    summary = next(r for r in rows if r["part"] == "summary")
+    aggregates = [r for r in rows if r["part"] == "aggregate"]
+    lines = ["## Label efficiency and transfer (`benchmarks/transfer.py`)", "",
+             f"`{command}` — {machine.get('gpu', machine.get('cpu'))}, {config.workers} worker(s) x "
+             f"{config.threads} thread(s), torch {machine.get('torch')}; config `{config_name}`; "
+             f"{summary['total_wall_s']:.0f} s in all ({summary['runs_fresh']} runs now, "
+             f"{summary['runs_reused']} reused).", "",
+             f"Backbone {model_label(config.model)}; learning rates chosen on validation from {config.lr_grid} "
+             f"(linear probe {config.linear_lr_grid}); at most {config.steps_at} steps of {config.batch_points} points, "
+             f"the lowest validation loss kept (every {config.val_every} steps, patience {config.patience}); "
+             f"symmetry augmentation {'on' if config.augment else 'off'}. Test sets: {config.n_test} "
+             f"{TARGET_GEOMETRY} showers, {config.n_lartpc_test} LArTPC events, "
+             f"{2 * (config.gamma_pi0_per_class or 500) // GAMMA_PI0_FOLDS} Geant4 showers per gamma_pi0 fold "
+             f"(seed = fold).",
+             "", "### Summary (mean ± standard error (seeds))", ""]
+    header = "| task | metric | " + " | ".join(key for key, _, _ in SUMMARY_KEYS) + " |"
+    lines += [header, "|" + "---|" * (2 + len(SUMMARY_KEYS))]
+    for task, record in summary["summary"]["tasks"].items():
+        metric = record["metric"] + ("" if record["higher_is_better"] else " (lower better)")
+        lines.append(f"| {task} | {metric} | " + " | ".join(cell(record[key]) for key, _, _ in SUMMARY_KEYS) + " |")
+    lines += ["", "### Targets (issue 12)", ""]
+    for target in summary["summary"]["targets"]:
+        state = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        lines.append(f"- {target['target']}: **{state}**")
+    lines += ["", f"Rule: {summary['summary']['rule']}.", "", "### Token coverage", "",
+              markdown_table([r for r in rows if r["part"] == "coverage"], COVERAGE_COLUMNS), "",
+              "### Pretraining", "", markdown_table(summary["pretraining"], PRETRAIN_COLUMNS), "",
+              "### Every arm and label count", "", markdown_table(aggregates, AGGREGATE_COLUMNS), ""]
+    leaks = sorted({(r["task"], r["arm"]) for r in rows if r["part"] == "run" and (r.get("label_leak") or {}).get("detected")})
     if leaks:
-        worst = max(r["label_leak"]["change"] for r in runs if leaked(r))
-        lines += [f"Label leak: the regression model's outputs change (up to {worst:.3g} standardised units) when "
-                  "only the event's true target fields change: the backbone reads what regression is asked to "
-                  "predict (pcfm.finetune hides the targets from the event conditioning with hide_condition; "
-                  f"that has broken, or another path leaks). Rows {leaks} measure nothing until that is fixed.", ""]
+        lines += [f"**Label leak** in {leaks}: those regression rows measure nothing.", ""]
+    plot = summary.get("plot")
     lines.append(f"![transfer]({Path(plot).name})" if plot else f"Plot skipped: {summary.get('plot_skipped')}.")
     return "\n".join(lines) + "\n"
-
-
-def decision(met: Optional[bool]) -> str:
-    return {True: "met", False: "not met", None: "undecided (tasks not measured)"}[met]
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 OPTION_HELP = {
-    "models": "backbone presets (or JSON dicts of pcfm.pretrain's model argument)",
-    "seeds": "fine-tune seeds (label subset and initialisation)", "n_labels": "labelled training events",
-    "target_labels": "the target's pair: pretrained at the first, scratch at the second",
-    "tasks": f"tasks among {list(TASKS)}", "source_geometries": "pretraining geometries (showers)",
-    "target_geometry": "unseen geometry of pid and regression", "energy_range": "incident energies, MeV, LO HI",
-    "regression_particles": "particles of the regression events (electron, photon, pion)",
+    "model": "backbone preset (or a JSON dict of pcfm.pretrain's model argument)",
+    "tasks": f"tasks among {list(TASKS)}", "seeds": "seeds of the main label counts (labels and initialisation)",
+    "n_labels": "main label counts (the first and last are the summary's 100 and 1000)",
+    "curve_labels": "more label counts of the learning curve", "curve_seeds": "seeds at the curve's label counts",
+    "arms": f"network arms among {list(ARMS)}",
+    "arm_labels": "JSON {arm: [label counts]}: where an arm runs (default: the probe at 100 and 1000, others everywhere)",
+    "references": "fit the simple references (needs the bench extra)",
+    "energy_range": "incident energies of simulated showers, MeV, LO HI",
     "lartpc_points": "grow / cut simulated LArTPC events to LO HI points (default: as simulated)",
-    "pretrain_steps": "MPM steps on the source showers", "pretrain_lartpc_steps": "MPM steps on LArTPC events",
-    "pretrain_batch_points": "point budget of a pretraining batch", "pretrain_lr": "pretraining peak lr",
-    "n_source": "simulated events per source geometry", "n_lartpc_pretrain": "simulated LArTPC pretraining events",
-    "finetune_steps": "fine-tune steps (showers) at the smallest n_labels",
-    "finetune_lartpc_steps": "fine-tune steps (LArTPC) at the smallest n_labels",
-    "label_step_exponent": "steps grow as (n_labels / smallest) ** this (0: equal steps for every n_labels)",
-    "finetune_batch_points": "point budget of a fine-tune batch (showers)",
-    "finetune_lartpc_batch_points": "point budget of a fine-tune batch (LArTPC)",
-    "finetune_lr": "fine-tune head lr (and backbone lr in full mode)",
-    "mode": "fine-tune mode (linear, full, layerwise)",
-    "pretrained_mode": "fine-tune mode of the pretrained arm (default: --mode)",
-    "n_test": "fixed test events (target geometry)", "n_lartpc_test": "fixed test events (LArTPC)",
-    "eval_batch_points": "point budget of a test batch", "accelerator": "cpu, gpu or auto",
-    "threads": "torch CPU threads (0: torch's default)",
+    "pool_factor": "labelled pool = this x the largest label count (seeds draw different labels)",
+    "n_val": "validation showers", "n_lartpc_val": "validation LArTPC events", "n_test": "test showers",
+    "n_lartpc_test": "test LArTPC events",
+    "gamma_pi0_per_class": "Geant4 showers read per class (default: all 500)", "pretrain_steps": "MPM steps on ds2 showers",
+    "pretrain_lartpc_steps": "MPM steps on LArTPC events", "pretrain_batch_points": "points per pretraining batch",
+    "pretrain_lr": "pretraining peak lr", "n_source": "simulated ds2 pretraining showers",
+    "n_lartpc_pretrain": "simulated LArTPC pretraining events",
+    "steps_at": "JSON {labels: max steps}: the fine-tune step budget by label count",
+    "batch_points": "points per fine-tune batch (showers)", "lartpc_batch_points": "points per batch (LArTPC)",
+    "lr_grid": "learning rates tried for scratch and pretrained", "linear_lr_grid": "learning rates of the probe",
+    "select_labels": "label count at which the learning rate is chosen (seed 0)",
+    "val_every": "steps between validations", "patience": "validations without improvement before stopping",
+    "augment": "train on random detector symmetries of each event",
+    "max_reference_points": "training points of the per-point reference (segmentation)",
+    "workers": "processes running fine-tunes side by side", "threads": "torch threads per process",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu", help="size preset (default cpu)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="runs and checkpoints (default pcfm_runs/transfer_CONFIG)")
+    parser.add_argument("--workdir", type=Path, default=None, help="runs and data (default pcfm_runs/transfer_CONFIG)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file (.md and .png go beside it)")
     add_config_options(parser, Config, OPTION_HELP, special={
-        "models": {"type": parse_json_or_text, "nargs": "+"}, "tasks": {"choices": list(TASKS), "nargs": "+"},
-        "lartpc_points": {"type": int, "nargs": 2}, "threads": {"type": int}, "pretrained_mode": {"type": str}})
+        "model": {"type": parse_json_or_text}, "tasks": {"choices": list(TASKS), "nargs": "+"},
+        "arms": {"choices": list(ARMS), "nargs": "+"}, "lartpc_points": {"type": int, "nargs": 2},
+        "gamma_pi0_per_class": {"type": int}, "curve_labels": {"type": int, "nargs": "*"},
+        "steps_at": {"type": json.loads}, "arm_labels": {"type": json.loads}})
     return parser
-
-
-def resolve(args) -> Config:
-    config = apply_config_options(Config(**CONFIGS[args.config]), args, tuple_fields=("lartpc_points",))
-    if config.target_geometry in config.source_geometries:
-        raise SystemExit(f"the target geometry {config.target_geometry!r} is among the pretraining geometries: "
-                         f"it would not be unseen")
-    unknown = set(config.regression_particles) - set(PARTICLES)
-    if unknown:
-        raise SystemExit(f"unknown regression particle(s) {sorted(unknown)}; choose from {list(PARTICLES)}")
-    for mode in (config.mode, config.pretrained_mode):
-        if mode is not None and mode not in ("linear", "full", "layerwise"):
-            raise SystemExit(f"unknown fine-tune mode {mode!r}")
-    return config
 
 
 def quiet_lightning() -> None:
@@ -734,16 +908,15 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for message in (".*does not have many workers.*", ".*Total length of .* across ranks is zero.*",
                     ".*custom batch sampler.*", ".*`max_epochs` was not set.*", ".*LeafSpec.*",
-                    ".*smaller than the logging interval.*"):
+                    ".*smaller than the logging interval.*", ".*more than max_points.*"):
         warnings.filterwarnings("ignore", message=message)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    config = resolve(args)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    quiet_lightning()
+    config = apply_config_options(Config(**CONFIGS[args.config]), args, tuple_fields=("lartpc_points",))
+    config.threads = config.threads or 1
+    _worker_setup(config.threads)
     start = time.perf_counter()
     command, machine = announce()
     name = "transfer" if args.config == "cpu" else f"transfer_{args.config}"
@@ -752,57 +925,46 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     settings = as_json(dataclasses.asdict(config))
     log(f"config {args.config}: {json.dumps(settings)}")
 
-    pretrainings, records = [], {}
-    sources = {TASKS[task].pretrained_from for task in config.tasks}
-    for model in config.models:
-        for source in ("showers", "lartpc"):
-            if source in sources:
-                record = run_pretraining(source, model, config, workdir)
-                records[(source, model_label(model))] = record
-                pretrainings.append(record)
-    log(f"[pretrain] done at {clock(time.perf_counter() - start)}")
-
-    domains, done, rows = Domains(config), {}, []
-    plan = planned_runs(config)
-    unique = {(TASKS[t].finetune_task, i, model_label(m), n, s) for t, _, i, m, n, s in plan}
-    log(f"[finetune] {len(plan)} rows from {len(unique)} fine-tunes")
-    finetune_start, fresh_seconds = time.perf_counter(), []
-    for task, arm, init, model, n, seed in plan:
-        spec = TASKS[task]
-        key = (spec.finetune_task, init, model_label(model), n, seed)
-        if key not in done:
-            record = None if init == "scratch" else records[(init, model_label(model))]
-            result = done[key] = run_finetune(spec, init, model, n, seed, config, workdir, domains, record)
-            if not result["reused"]:
-                fresh_seconds.append(result["train_seconds"] + result["eval_seconds"])
-            left = len(unique) - len(done)
-            eta = f", about {clock(left * np.mean(fresh_seconds))} to go" if fresh_seconds and left else ""
-            log(f"[{len(done)}/{len(unique)}] {task} {model_label(model)} {arm}"
-                + (f" (from {init})" if init != "scratch" else "") + f" n={n} seed={seed}: "
-                + ("reused" if result["reused"]
-                   else f"{result['train_seconds']:.1f} s + eval {result['eval_seconds']:.1f} s")
-                + f"; {spec.metric} {result['metrics'][spec.metric]:.4f}"
-                + (f" [label leak: outputs move by {result['label_leak']['change']:.3g}]" if leaked(result) else "")
-                + f" (elapsed {clock(time.perf_counter() - start)}{eta})")
-        result = done[key]
-        rows.append({"part": "run", "task": task, "model": model_label(model), "arm": arm, "init": init,
-                     "n_labels": n, "seed": seed, **result})
-    baseline = calibration_baseline(domains, config) if "regression" in config.tasks else []
-    aggregates = aggregate(rows, config)
-    checks = target_checks(aggregates, config)
-    result = verdict(checks, config)
+    for domain in sorted({TASKS[t].domain for t in config.tasks}):
+        prepare_domain(domain, config, workdir)
+    coverage = coverage_rows(config, workdir)
+    runner = Runner(config, workdir)
+    try:
+        sources = sorted({TASKS[t].pretrained_from for t in config.tasks}) if set(config.arms) - {"scratch"} else []
+        selection_plan = selection_jobs(config)
+        references = [job for job in main_jobs(config, {}) if job.arm == "reference"]
+        # what needs no pretraining and no learning-rate choice runs beside the pretraining
+        first = runner.run([("pretrain", source) for source in sources]
+                           + [("job", job) for job in selection_plan if job.arm == "scratch"]
+                           + [("job", job) for job in references])
+        pretrainings = [first[("pretrain", source)] for source in sources]
+        first.update(runner.run([("job", job) for job in selection_plan if job.arm != "scratch"]))
+        selection = {job: first[("job", job)] for job in selection_plan}
+        lrs = {(task, arm): chosen_lr(task, arm, selection, config) for task in config.tasks for arm in config.arms}
+        log("[lr] chosen on validation: " + ", ".join(f"{t} {a} {lr:g}" for (t, a), lr in lrs.items()))
+        jobs = main_jobs(config, lrs)
+        rest = [("job", job) for job in jobs if ("job", job) not in first]
+        first.update(runner.run(rest))
+        records = {job: first[("job", job)] for job in jobs}
+    finally:
+        runner.close()
+    rows = [{"part": "run", "task": job.task, "arm": job.arm, "n_labels": job.n, "seed": job.seed, "lr": job.lr,
+             **records[job]} for job in jobs]
+    selection_rows = [{"part": "lr_selection", "task": job.task, "arm": job.arm, "lr": job.lr,
+                       "val_loss": record["val_loss"], "chosen": lrs[(job.task, job.arm)] == job.lr}
+                      for job, record in selection.items()]
+    aggregates = aggregate(rows)
     plot_path = out.with_suffix(".png")
     skipped = make_plot(aggregates, config, plot_path)
     summary = {"part": "summary", "config": args.config, "settings": settings, "workdir": str(workdir),
+               "summary": summarise(aggregates, config), "pretraining": pretrainings,
                "total_wall_s": round(time.perf_counter() - start, 1),
-               "finetune_wall_s": round(time.perf_counter() - finetune_start, 1),
-               "runs_fresh": sum(not r["reused"] for r in done.values()),
-               "runs_reused": sum(bool(r["reused"]) for r in done.values()),
-               "pretraining": pretrainings, "verdict": result,
+               "runs_fresh": sum(not r.get("reused") for r in first.values()),
+               "runs_reused": sum(bool(r.get("reused")) for r in first.values()),
                "plot": None if skipped else str(plot_path), "plot_skipped": skipped}
-    rows = rows + baseline + aggregates + checks + [summary]
+    rows = rows + selection_rows + aggregates + coverage + [summary]
     write_results(name, command, machine, rows, out)
-    text = report(rows, args.config, config, command, machine, None if skipped else str(plot_path))
+    text = report(rows, args.config, config, command, machine)
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(text)
     log("")

@@ -27,7 +27,10 @@ def test_micro_run_writes_finite_metrics_for_every_part(tmp_path, monkeypatch):
     rows = written["results"]
     by_part = {part: [r for r in rows if r["part"] == part] for part in ("quality", "adaptation", "speed", "summary")}
 
-    generated, few_step, ideal = by_part["quality"]
+    generated, few_step, ideal, photons, scaled = by_part["quality"]
+    assert photons["sample"].startswith("calibration: photons") and "x 1.05" in scaled["sample"]
+    assert all(finite(r["auc_high_level"], r["fpd"]) and r["n_generated"] == 16 for r in (photons, scaled))
+    assert any("high-level AUC" in key for key in by_part["summary"][0]["targets"])
     assert generated["sample"] == "generated, Heun 2 steps, raw energies" and ideal["sample"].startswith("ideal")
     assert few_step["sample"] == "generated, DPM-Solver++(2M) 2 steps" and few_step["network_calls"] == 2
     assert not generated["energy_calibrated"] and few_step["energy_calibrated"]
