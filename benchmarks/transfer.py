@@ -107,7 +107,7 @@ TASKS = {
 DOMAIN_PARTICLES = {"pid": PARTICLES, "electron_energy": ("electron",), "pion_energy": ("pion",)}
 ARMS = ("scratch", "pretrained", "linear")
 #: Simulation seeds: pretraining data, pools, validation and test sets never share one.
-SEED_SOURCE, SEED_LARTPC_PRETRAIN = 0, 1
+SEED_SOURCE, SEED_LARTPC_PRETRAIN, SEED_COVERAGE = 0, 1, 5
 SEEDS = {"pid": (201, 203, 202), "electron_energy": (211, 213, 212), "pion_energy": (221, 223, 222),
          "lartpc": (301, 303, 302)}  # (pool, validation, test)
 GAMMA_PI0_FILES = ("ds2_photons_20-100GeV.h5", "ds2_pi0_20-100GeV_decay500mm.h5")
@@ -156,6 +156,7 @@ class Config:
     patience: int = 4
     augment: bool = True
     max_reference_points: int = 100_000
+    n_coverage: int = 200
     workers: int = 2
     threads: int = 1
 
@@ -170,7 +171,7 @@ CONFIGS: dict[str, dict] = {
                   pretrain_steps=3, pretrain_lartpc_steps=3, pretrain_batch_points=4000, n_source=40,
                   n_lartpc_pretrain=12, steps_at={"6": 4, "9": 4, "12": 6}, batch_points=3000,
                   lartpc_batch_points=3000, lr_grid=[1e-3, 3e-3], linear_lr_grid=[1e-2], select_labels=6,
-                  val_every=2, patience=2, max_reference_points=2000, workers=1, threads=1),
+                  val_every=2, patience=2, max_reference_points=2000, n_coverage=6, workers=1, threads=1),
 }
 
 
@@ -741,23 +742,27 @@ def summarise(aggregates: list[dict], config: Config) -> dict:
 
 def coverage_rows(config: Config, workdir: Path) -> list[dict]:
     """Token coverage of the backbone (:func:`pcfm.nn.token_coverage`) on events of both detector
-    families: mean and minimum over events."""
+    families, whatever the tasks: simulated ds2 and par04 showers (e / gamma / pi over the
+    configured energies), default LArTPC events, and the Geant4 showers when gamma_pi0 runs;
+    mean and minimum over events."""
     from torch_geometric.data import Batch
 
     from pcfm.api_finetune import pretrained_backbone
+    from pcfm.engine.data import simulate_pretraining_events
     from pcfm.nn import Backbone, token_coverage
 
     backbone_config, _ = pretrained_backbone(None, config.model)
     backbone = Backbone(backbone_config).eval()
+    n = config.n_coverage
+    energies = f"{config.energy_range[0] / 1e3:g}-{config.energy_range[1] / 1e3:g} GeV"
     samples = {}
-    if any(TASKS[t].domain == "lartpc" for t in config.tasks):
-        samples["lartpc-768 (test events)"] = load_domain("lartpc", workdir)["test"]
-    for task in config.tasks:
-        domain = TASKS[task].domain
-        if domain in DOMAIN_PARTICLES and "par04-scipb (test showers)" not in samples:
-            samples["par04-scipb (test showers)"] = load_domain(domain, workdir)["test"][:500]
-        if domain == "gamma_pi0":
-            samples["calochallenge-ds2 (Geant4 gamma / pi0)"] = load_domain(domain, workdir)["all"]
+    for geometry in (SOURCE_GEOMETRY, TARGET_GEOMETRY):
+        events = simulate_pretraining_events(geometry, n, particles=PARTICLES, energy_range=tuple(config.energy_range),
+                                             seed=SEED_COVERAGE)
+        samples[f"{geometry}: simulated e / gamma / pi, {energies}"] = [events[i] for i in range(len(events))]
+    samples[f"{LARTPC_GEOMETRY}: simulated events"] = simulate("lartpc", n, SEED_COVERAGE, config)
+    if any(TASKS[t].domain == "gamma_pi0" for t in config.tasks):
+        samples[f"{SOURCE_GEOMETRY}: Geant4 gamma / pi0 (gamma_pi0 task)"] = load_domain("gamma_pi0", workdir)["all"]
     rows = []
     for name, events in samples.items():
         with torch.no_grad():
@@ -885,6 +890,7 @@ OPTION_HELP = {
     "val_every": "steps between validations", "patience": "validations without improvement before stopping",
     "augment": "train on random detector symmetries of each event",
     "max_reference_points": "training points of the per-point reference (segmentation)",
+    "n_coverage": "simulated events per detector on which the token coverage is measured",
     "workers": "processes running fine-tunes side by side", "threads": "torch threads per process",
 }
 

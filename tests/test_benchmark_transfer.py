@@ -115,6 +115,7 @@ def test_the_summary_follows_from_the_runs(micro):
 def test_coverage_is_reported_for_both_detector_families(micro):
     _, _, rows = micro
     coverage = {r["events"]: r for r in rows if r["part"] == "coverage"}
+    assert len(coverage) == 4  # ds2, par04, LArTPC (simulated) and the Geant4 showers of gamma_pi0
     assert any("lartpc" in name for name in coverage) and any("scipb" in name for name in coverage)
     assert all(r["min"] >= 0.99 and r["n_events"] > 0 for r in coverage.values())
 
