@@ -769,9 +769,10 @@ def simulate_events(task: str, n: int, seed: int, energy_range=(1e3, 1e5)) -> li
     return [dataset[i] for i in range(len(dataset))]
 
 
-def read_gamma_pi0(directory: Path = GEANT4_DIR) -> tuple[list, np.ndarray]:
+def read_gamma_pi0(directory: Path = GEANT4_DIR, per_class: Optional[int] = None) -> tuple[list, np.ndarray]:
     """The Geant4 20-100 GeV photon and pi0 showers of ``directory`` as point clouds, label
-    0 photon / 1 pi0 (cells below the ds2 readout threshold dropped)."""
+    0 photon / 1 pi0 (cells below the ds2 readout threshold dropped); the first ``per_class``
+    of each file when given."""
     import h5py
 
     from pcfm.data.pointcloud import cells_to_data
@@ -783,7 +784,7 @@ def read_gamma_pi0(directory: Path = GEANT4_DIR) -> tuple[list, np.ndarray]:
             raise FileNotFoundError(f"{path} is absent: the gamma / pi0 benchmark needs the Geant4 files of "
                                     "shared/data/geant4")
         with h5py.File(path, "r") as f:
-            showers, energies = f["showers"][:], f["incident_energies"][:].reshape(-1)
+            showers, energies = f["showers"][:per_class], f["incident_energies"][:per_class].reshape(-1)
         events += [cells_to_data(s, float(e), "calochallenge-ds2") for s, e in zip(showers, energies)]
         labels += [label] * len(showers)
     return events, np.array(labels, dtype=np.int64)

@@ -64,6 +64,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+import references
 from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, log,
                      markdown_table, parse_json_or_text, save_png, write_results)
 from pcfm.data.atomic import atomic_path
@@ -72,7 +73,6 @@ LARTPC_GEOMETRY = "lartpc-768"
 TARGET_GEOMETRY = "par04-scipb"
 SOURCE_GEOMETRY = "calochallenge-ds2"
 PARTICLES = ("electron", "photon", "pion")
-GEANT4_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geant4"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,6 @@ ARMS = ("scratch", "pretrained", "linear")
 SEED_SOURCE, SEED_LARTPC_PRETRAIN, SEED_COVERAGE = 0, 1, 5
 SEEDS = {"pid": (201, 203, 202), "electron_energy": (211, 213, 212), "pion_energy": (221, 223, 222),
          "lartpc": (301, 303, 302)}  # (pool, validation, test)
-GAMMA_PI0_FILES = ("ds2_photons_20-100GeV.h5", "ds2_pi0_20-100GeV_decay500mm.h5")
 GAMMA_PI0_FOLDS = 5
 #: Output change (standardised units) above which a regression model is taken to read its target.
 LEAK_THRESHOLD = 1e-4
@@ -234,24 +233,12 @@ def simulate(domain: str, n: int, seed: int, config: Config) -> list:
     return [events[i] for i in range(len(events))]
 
 
-def read_gamma_pi0(directory: Path = GEANT4_DIR, per_class: Optional[int] = None) -> list:
-    """The Geant4 photon (y = 0) and pi0 (y = 1) showers of ``directory`` as ``Data``, in file order
-    (the first ``per_class`` of each file when given)."""
-    import h5py
-
-    from pcfm.data.pointcloud import cells_to_data
-
-    events = []
-    for label, name in enumerate(GAMMA_PI0_FILES):
-        path = Path(directory) / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is absent: the gamma_pi0 task needs the Geant4 files of shared/data/geant4")
-        with h5py.File(path, "r") as f:
-            showers, energies = f["showers"][:per_class], f["incident_energies"][:per_class].reshape(-1)
-        for shower, energy in zip(showers, energies):
-            event = cells_to_data(shower, float(energy), SOURCE_GEOMETRY)
-            event.y = torch.tensor([label])
-            events.append(event)
+def read_gamma_pi0(per_class: Optional[int] = None) -> list:
+    """The Geant4 photon (y = 0) and pi0 (y = 1) showers (:func:`references.read_gamma_pi0`) with
+    their label as ``y``, in file order."""
+    events, labels = references.read_gamma_pi0(per_class=per_class)
+    for event, label in zip(events, labels):
+        event.y = torch.tensor([int(label)])
     return events
 
 
@@ -268,7 +255,7 @@ def gamma_pi0_fold(n_events: int, fold: int) -> tuple[np.ndarray, np.ndarray, np
 def domain_settings(domain: str, config: Config) -> dict:
     """What a domain's events depend on (part of every run's settings)."""
     if domain == "gamma_pi0":
-        return {"files": list(GAMMA_PI0_FILES), "folds": GAMMA_PI0_FOLDS, "per_class": config.gamma_pi0_per_class}
+        return {"files": list(references.GAMMA_PI0_FILES), "folds": GAMMA_PI0_FOLDS, "per_class": config.gamma_pi0_per_class}
     if domain == "lartpc":
         return as_json({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points,
                         "sizes": [pool_size(config), config.n_lartpc_val, config.n_lartpc_test],
@@ -496,10 +483,19 @@ def digest(indices: np.ndarray) -> str:
     return hashlib.sha1(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
+_FEATURE_CACHE: dict = {}
+
+
+def shared_features(events: list, key: tuple, geometry: str) -> np.ndarray:
+    """High-level features of a validation or test set, computed once per process: every reference
+    run of a task scores the same sets."""
+    if key not in _FEATURE_CACHE:
+        _FEATURE_CACHE[key] = references.shower_features(events, geometry, use_incident_energy=key[-1])
+    return _FEATURE_CACHE[key]
+
+
 def run_reference(job: Job, config: Config, workdir: Path) -> dict:
     """The simple references on the run's exact train / validation / test events."""
-    import references
-
     spec = TASKS[job.task]
     train, val, test, train_index = split_for(job.task, job.n, job.seed, workdir)
     start = time.perf_counter()
@@ -509,8 +505,10 @@ def run_reference(job: Job, config: Config, workdir: Path) -> dict:
     else:
         geometry = SOURCE_GEOMETRY if spec.domain == "gamma_pi0" else TARGET_GEOMETRY
         classification = spec.finetune_task == "classification"
-        features = [references.shower_features(part, geometry, use_incident_energy=classification)
-                    for part in (train, val, test)]
+        fold = job.seed % GAMMA_PI0_FOLDS if spec.domain == "gamma_pi0" else None
+        features = [references.shower_features(train, geometry, use_incident_energy=classification)]
+        features += [shared_features(part, (workdir, spec.domain, name, fold, classification), geometry)
+                     for name, part in (("val", val), ("test", test))]
         if classification:
             labels = [class_labels(part) for part in (train, val, test)]
             result = references.classify(features[0], labels[0], features[1], labels[1], features[2], labels[2],
@@ -940,18 +938,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         selection_plan = selection_jobs(config)
         references = [job for job in main_jobs(config, {}) if job.arm == "reference"]
         # what needs no pretraining and no learning-rate choice runs beside the pretraining
-        first = runner.run([("pretrain", source) for source in sources]
+        done = runner.run([("pretrain", source) for source in sources]
                            + [("job", job) for job in selection_plan if job.arm == "scratch"]
                            + [("job", job) for job in references])
-        pretrainings = [first[("pretrain", source)] for source in sources]
-        first.update(runner.run([("job", job) for job in selection_plan if job.arm != "scratch"]))
-        selection = {job: first[("job", job)] for job in selection_plan}
+        pretrainings = [done[("pretrain", source)] for source in sources]
+        done.update(runner.run([("job", job) for job in selection_plan if job.arm != "scratch"]))
+        selection = {job: done[("job", job)] for job in selection_plan}
         lrs = {(task, arm): chosen_lr(task, arm, selection, config) for task in config.tasks for arm in config.arms}
         log("[lr] chosen on validation: " + ", ".join(f"{t} {a} {lr:g}" for (t, a), lr in lrs.items()))
         jobs = main_jobs(config, lrs)
-        rest = [("job", job) for job in jobs if ("job", job) not in first]
-        first.update(runner.run(rest))
-        records = {job: first[("job", job)] for job in jobs}
+        rest = [("job", job) for job in jobs if ("job", job) not in done]
+        done.update(runner.run(rest))
+        records = {job: done[("job", job)] for job in jobs}
     finally:
         runner.close()
     rows = [{"part": "run", "task": job.task, "arm": job.arm, "n_labels": job.n, "seed": job.seed, "lr": job.lr,
@@ -965,8 +963,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     summary = {"part": "summary", "config": args.config, "settings": settings, "workdir": str(workdir),
                "summary": summarise(aggregates, config), "pretraining": pretrainings,
                "total_wall_s": round(time.perf_counter() - start, 1),
-               "runs_fresh": sum(not r.get("reused") for r in first.values()),
-               "runs_reused": sum(bool(r.get("reused")) for r in first.values()),
+               "runs_fresh": sum(not r.get("reused") for r in done.values()),
+               "runs_reused": sum(bool(r.get("reused")) for r in done.values()),
                "plot": None if skipped else str(plot_path), "plot_skipped": skipped}
     rows = rows + selection_rows + aggregates + coverage + [summary]
     write_results(name, command, machine, rows, out)
