@@ -5,11 +5,11 @@ Three parts, selectable with ``--parts``:
 * quality: pretrain objective "diffusion" on simulated ``calochallenge-ds2`` electrons (the
   simulator's default energies: log-uniform 1 GeV - 1 TeV, normal incidence), generate one
   shower per incident energy of an independently simulated reference set (another seed), deposit
-  the points on the ds2 cells, and compare with :func:`pcfm.evaluate.evaluate`: low- and
+  the points on the ds2 cells, and compare with :func:`pcfm.evaluate`: low- and
   high-level classifier AUC, separation power (mean and max over features), FPD and KPD. A
   second independent simulator sample against the same reference is the "ideal" row (AUC about
   0.5; its FPD is the floor that finite samples give). One generated row per sampler of
-  ``--samplers``; showers get :func:`pcfm.generate.generate`'s energy calibration unless the
+  ``--samplers``; showers get :func:`pcfm.generate`'s energy calibration unless the
   sampler is marked ``:raw`` (the default set has one raw row to show what it changes).
 * adaptation: the quality model (ds2) adapted to an unseen geometry (``--target-geometry``,
   default ``par04-scipb``) with n in ``--adapt-n`` target showers: (a) ``pcfm.pretrain(...,
@@ -20,7 +20,7 @@ Three parts, selectable with ``--parts``:
 * speed: showers per second at batch sizes ``--batch-sizes`` (1, 100, 10000) for each sampler
   of ``--speed-samplers`` (generate's default, Heun 20 steps, and DPM-Solver++(2M) at 20 and 8),
   on the CPU and, when there is one, the GPU (also under bf16 autocast).
-  Time is :func:`pcfm.generate.generate`'s wall time (sampling, deposition, conversion; not the
+  Time is :func:`pcfm.generate`'s wall time (sampling, deposition, conversion; not the
   checkpoint load) after a warm-up call; the deposition share is measured apart by depositing
   the generated points again. A batch that would run longer than ``--speed-cap-s`` (projected
   from the previous batch size) is measured at the largest batch that fits, and the row says so;
@@ -73,8 +73,8 @@ from pcfm.data import ShowerDataset
 from pcfm.data.atomic import atomic_path
 from pcfm.data.pointcloud import deposit_points
 from pcfm.engine.training import checkpoint_path
-from pcfm.evaluate import evaluate
-from pcfm.generate import generate
+from pcfm.api import evaluate
+from pcfm.api import generate
 from pcfm.nn import count_parameters
 from pcfm.sim import simulate_showers
 from pcfm.tasks.diffusion import SAMPLERS, network_calls
@@ -158,7 +158,7 @@ CONFIGS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Sampler:
-    """A sampler setting of :func:`pcfm.generate.generate`: ``NAME:STEPS`` on the command line,
+    """A sampler setting of :func:`pcfm.generate`: ``NAME:STEPS`` on the command line,
     ``NAME:STEPS:raw`` without the energy calibration (``calibrate_energy=False``)."""
 
     name: str
@@ -185,7 +185,7 @@ class Sampler:
         return f"{self.name}{self.steps}" + ("" if self.calibrated else "_raw")
 
     def options(self) -> dict:
-        """:func:`pcfm.generate.generate` keywords (calibration where the model has it, or none)."""
+        """:func:`pcfm.generate` keywords (calibration where the model has it, or none)."""
         return {"steps": self.steps, "sampler": self.name, "calibrate_energy": None if self.calibrated else False}
 
     def fields(self) -> dict:
@@ -211,7 +211,7 @@ def showers(geometry: str, n: int, seed: int, config: Config):
 
 
 def eval_metrics(result: dict) -> dict:
-    """The numbers of a :func:`pcfm.evaluate.evaluate` result that go into the tables."""
+    """The numbers of a :func:`pcfm.evaluate` result that go into the tables."""
     classifier = result.get("classifier") or {}
     auc = lambda level: classifier[level]["auc"] if classifier.get(level) else None  # noqa: E731
     return {"auc_low_level": auc("low_level"), "auc_high_level": auc("high_level"),

@@ -146,6 +146,11 @@ class Config:
     n_lartpc_pretrain: int = 1500
     # fine-tuning: max steps at each label count (the lowest validation loss is kept)
     steps_at: dict = field(default_factory=lambda: {"100": 300, "300": 400, "1000": 600, "3000": 800})
+    # per task, tables that replace steps_at: gamma/pi0 from scratch sits at chance (loss ln 2) for
+    # 200-350 steps before it finds the signal (seen on the validation loss of folds 0 and 1)
+    task_steps_at: dict = field(default_factory=lambda: {"gamma_pi0": {"100": 800, "600": 1000}})
+    # early stopping cannot end a run before this fraction of its step budget
+    min_steps_fraction: float = 0.5
     batch_points: int = 20_000
     lartpc_batch_points: int = 20_000
     lr_grid: list = field(default_factory=lambda: [1e-3, 3e-3])
@@ -168,7 +173,7 @@ CONFIGS: dict[str, dict] = {
                   curve_labels=[9], curve_seeds=[0], arm_labels={"linear": [6]}, energy_range=(1e3, 5e3),
                   lartpc_points=(200, 400), gamma_pi0_per_class=20, n_val=12, n_lartpc_val=6, n_test=24, n_lartpc_test=8,
                   pretrain_steps=3, pretrain_lartpc_steps=3, pretrain_batch_points=4000, n_source=40,
-                  n_lartpc_pretrain=12, steps_at={"6": 4, "9": 4, "12": 6}, batch_points=3000,
+                  n_lartpc_pretrain=12, steps_at={"6": 4, "9": 4, "12": 6}, task_steps_at={}, batch_points=3000,
                   lartpc_batch_points=3000, lr_grid=[1e-3, 3e-3], linear_lr_grid=[1e-2], select_labels=6,
                   val_every=2, patience=2, max_reference_points=2000, n_coverage=6, workers=1, threads=1),
 }
@@ -187,10 +192,10 @@ def clock(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def steps_for(n: int, config: Config) -> int:
-    """Maximum fine-tune steps with ``n`` labels: the entry of ``steps_at`` at the nearest label
-    count at or below ``n`` (the smallest one below all)."""
-    table = sorted((int(k), int(v)) for k, v in config.steps_at.items())
+def steps_for(n: int, config: Config, task: Optional[str] = None) -> int:
+    """Maximum fine-tune steps with ``n`` labels: the entry of the task's table (``task_steps_at``,
+    else ``steps_at``) at the nearest label count at or below ``n`` (the smallest one below all)."""
+    table = sorted((int(k), int(v)) for k, v in config.task_steps_at.get(task, config.steps_at).items())
     below = [steps for count, steps in table if count <= n]
     return below[-1] if below else table[0][1]
 
@@ -314,7 +319,7 @@ def class_labels(events: list) -> np.ndarray:
 def split_for(task: str, n: int, seed: int, workdir: Path) -> tuple[list, list, list, np.ndarray]:
     """(train, validation, test) events of a run, and the training indices into its pool. The
     same for every arm and the references."""
-    from pcfm.api_finetune import balanced_subset
+    from pcfm.api import balanced_subset
 
     spec = TASKS[task]
     stored = load_domain(spec.domain, workdir)
@@ -421,9 +426,26 @@ def job_settings(job: Job, config: Config) -> dict:
     return as_json({
         **common, "model": config.model, "task": spec.finetune_task,
         "pretraining": None if job.arm == "scratch" else pretrain_settings(spec.pretrained_from, config),
-        "mode": "linear" if job.arm == "linear" else "full", "max_steps": steps_for(job.n, config),
+        "mode": "linear" if job.arm == "linear" else "full", "max_steps": steps_for(job.n, config, job.task),
         "batch_points": config.lartpc_batch_points if lartpc else config.batch_points,
-        "val_every": config.val_every, "patience": config.patience, "augment": config.augment})
+        "val_every": config.val_every, "patience": config.patience, "augment": config.augment,
+        "min_steps": min_steps_for(job, config)})
+
+
+def min_steps_for(job: Job, config: Config) -> int:
+    """The step before which early stopping cannot end a network run."""
+    return int(config.min_steps_fraction * steps_for(job.n, config, job.task))
+
+
+def same_run(stored: dict, settings: dict) -> bool:
+    """Whether a stored run answers ``settings``. A run recorded before ``min_steps`` existed
+    (no stop before it) counts when it was not stopped early: a later earliest stop changes
+    nothing for a run that trained all its steps."""
+    if stored.get("settings") == settings:
+        return True
+    old = dict(stored.get("settings") or {})
+    return ("min_steps" not in old and {**old, "min_steps": settings.get("min_steps")} == settings
+            and stored.get("result", {}).get("stopped_early") is False)
 
 
 def target_leak(module, events: list, targets: tuple = ("incident_energy",), n_events: int = 32) -> dict:
@@ -432,7 +454,7 @@ def target_leak(module, events: list, targets: tuple = ("incident_energy",), n_e
     noise), the model reads its label."""
     from torch_geometric.data import Batch
 
-    from pcfm.api_finetune import LabelledView
+    from pcfm.api import LabelledView
 
     view = LabelledView(events, np.arange(min(n_events, len(events))), None)
     batch = Batch.from_data_list([view[i] for i in range(len(view))])
@@ -448,7 +470,7 @@ def target_leak(module, events: list, targets: tuple = ("incident_energy",), n_e
 
 def run_network(job: Job, config: Config, workdir: Path, settings: dict) -> dict:
     """One fine-tune through :func:`pcfm.finetune` on the run's exact train / validation / test events."""
-    from pcfm.api_finetune import finetune
+    from pcfm.api import finetune
 
     spec = TASKS[job.task]
     train, val, test, train_index = split_for(job.task, job.n, job.seed, workdir)
@@ -461,7 +483,8 @@ def run_network(job: Job, config: Config, workdir: Path, settings: dict) -> dict
                       mode=settings["mode"], n_labels=None, val_data=val, test_data=test,
                       class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
                       batch_points=settings["batch_points"], lr=job.lr, augment=config.augment, workdir=folder,
-                      resume=False, patience=config.patience, val_every_n_steps=config.val_every,
+                      resume=False, patience=config.patience, min_steps=settings["min_steps"],
+                      val_every_n_steps=config.val_every,
                       checkpoint_every_n_steps=config.val_every, seed=job.seed, accelerator="cpu", devices=1,
                       progress=False, log_every_n_steps=max(1, min(25, config.val_every)))
     seconds = time.perf_counter() - start
@@ -533,7 +556,7 @@ def execute(job: Job, config: Config, workdir: Path) -> dict:
     record_file = folder / RUN_RECORD
     if record_file.is_file():
         stored = json.loads(record_file.read_text())
-        if stored.get("settings") == settings:
+        if same_run(stored, settings):
             return {**stored["result"], "reused": True}
     if folder.exists():
         shutil.rmtree(folder)
@@ -745,7 +768,7 @@ def coverage_rows(config: Config, workdir: Path) -> list[dict]:
     mean and minimum over events."""
     from torch_geometric.data import Batch
 
-    from pcfm.api_finetune import pretrained_backbone
+    from pcfm.api import pretrained_backbone
     from pcfm.engine.data import simulate_pretraining_events
     from pcfm.nn import Backbone, token_coverage
 
@@ -833,8 +856,9 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
              f"{summary['total_wall_s']:.0f} s in all ({summary['runs_fresh']} runs now, "
              f"{summary['runs_reused']} reused).", "",
              f"Backbone {model_label(config.model)}; learning rates chosen on validation from {config.lr_grid} "
-             f"(linear probe {config.linear_lr_grid}); at most {config.steps_at} steps of {config.batch_points} points, "
-             f"the lowest validation loss kept (every {config.val_every} steps, patience {config.patience}); "
+             f"(linear probe {config.linear_lr_grid}); at most {config.steps_at} steps of {config.batch_points} points "
+             f"({config.task_steps_at} for those tasks), the lowest validation loss kept (every {config.val_every} "
+             f"steps, patience {config.patience}, no stop before {config.min_steps_fraction:g} of the budget); "
              f"symmetry augmentation {'on' if config.augment else 'off'}. Test sets: {config.n_test} "
              f"{TARGET_GEOMETRY} showers, {config.n_lartpc_test} LArTPC events, "
              f"{2 * (config.gamma_pi0_per_class or 500) // GAMMA_PI0_FOLDS} Geant4 showers per gamma_pi0 fold "
@@ -882,6 +906,8 @@ OPTION_HELP = {
     "pretrain_lr": "pretraining peak lr", "n_source": "simulated ds2 pretraining showers",
     "n_lartpc_pretrain": "simulated LArTPC pretraining events",
     "steps_at": "JSON {labels: max steps}: the fine-tune step budget by label count",
+    "task_steps_at": "JSON {task: {labels: max steps}}: tables that replace steps_at for those tasks",
+    "min_steps_fraction": "early stopping cannot end a run before this fraction of its step budget",
     "batch_points": "points per fine-tune batch (showers)", "lartpc_batch_points": "points per batch (LArTPC)",
     "lr_grid": "learning rates tried for scratch and pretrained", "linear_lr_grid": "learning rates of the probe",
     "select_labels": "label count at which the learning rate is chosen (seed 0)",
@@ -902,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model": {"type": parse_json_or_text}, "tasks": {"choices": list(TASKS), "nargs": "+"},
         "arms": {"choices": list(ARMS), "nargs": "+"}, "lartpc_points": {"type": int, "nargs": 2},
         "gamma_pi0_per_class": {"type": int}, "curve_labels": {"type": int, "nargs": "*"},
-        "steps_at": {"type": json.loads}, "arm_labels": {"type": json.loads}})
+        "steps_at": {"type": json.loads}, "task_steps_at": {"type": json.loads}, "arm_labels": {"type": json.loads}})
     return parser
 
 

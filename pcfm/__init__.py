@@ -9,26 +9,30 @@ Package layout (each sub-package is one layer of the architecture):
   pure-torch references; :mod:`pcfm.kernels` holds their fused GPU kernels;
 - :mod:`pcfm.nn`: the geometry-agnostic transformer-GNN backbone;
 - :mod:`pcfm.tasks`: pretraining objectives (masked point modelling, point diffusion) and the
-  Lightning module; :mod:`pcfm.engine`: data module and trainer; :mod:`pcfm.api`:
-  :func:`pretrain`; :mod:`pcfm.generate`: :func:`generate`;
+  Lightning modules; :mod:`pcfm.engine`: data module and trainer;
+- :mod:`pcfm.api`: the verbs :func:`pretrain`, :func:`finetune`, :func:`generate`,
+  :func:`evaluate`, which are also the package's top-level names;
 - :mod:`pcfm.cli`: the ``pcfm`` command line.
 """
 __version__ = "0.1.0"
-__all__ = ["pretrain", "finetune", "generate", "__version__"]
+__all__ = ["pretrain", "finetune", "generate", "evaluate", "__version__"]
+
+#: Top-level name -> module that defines it (imported on first use).
+_VERBS = {"pretrain": "pcfm.api.pretraining", "finetune": "pcfm.api.finetuning",
+          "generate": "pcfm.api.generation", "evaluate": "pcfm.api.evaluation"}
 
 
 def __getattr__(name):
-    # Lazy: ``import pcfm`` stays light (no Lightning) for users of the data tools alone.
-    if name == "pretrain":
-        from pcfm.api import pretrain
+    # Lazy: ``import pcfm`` stays light (no Lightning) for users of the data tools alone. No
+    # submodule is named like a verb, so importing one never rebinds these names.
+    if name in _VERBS:
+        import importlib
 
-        return pretrain
-    if name == "finetune":
-        from pcfm.api_finetune import finetune
-
-        return finetune
-    if name == "generate":
-        from pcfm.generate import generate
-
-        return generate
+        value = getattr(importlib.import_module(_VERBS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'pcfm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_VERBS))

@@ -58,7 +58,7 @@ def test_every_arm_and_reference_runs_on_the_same_labels(micro):
             expected_test = {"lartpc": 8, "gamma_pi0": 8}.get(spec.domain, 24)
             assert run["metrics"]["n_test"] == expected_test
             if run["arm"] != "reference":
-                assert run["steps"] <= bench.steps_for(run["n_labels"], config) and run["val_loss"] is not None
+                assert run["steps"] <= bench.steps_for(run["n_labels"], config, task) and run["val_loss"] is not None
                 assert (run["label_leak"] is not None) == (spec.finetune_task == "regression")
                 assert not (run["label_leak"] or {}).get("detected")  # the target is hidden from the backbone
             else:
@@ -147,9 +147,23 @@ def test_gamma_pi0_folds_partition_the_showers():
 def test_steps_and_arms_by_label_count():
     config = bench.Config(steps_at={"100": 300, "1000": 600}, arm_labels={"linear": [100]})
     assert [bench.steps_for(n, config) for n in (50, 100, 300, 1000, 3000)] == [300, 300, 300, 600, 600]
+    # a task's own table replaces steps_at; early stopping waits for half the budget by default
+    tables = bench.Config(steps_at={"100": 300}, task_steps_at={"gamma_pi0": {"100": 800, "600": 1000}})
+    assert [bench.steps_for(n, tables, "gamma_pi0") for n in (100, 300, 600)] == [800, 800, 1000]
+    assert bench.steps_for(600, tables, "pid") == 300
+    assert bench.min_steps_for(bench.Job("gamma_pi0", "scratch", 600, 1), tables) == 500
     assert bench.arm_runs_at("pid", "linear", 100, config) and not bench.arm_runs_at("pid", "linear", 1000, config)
     assert bench.arm_runs_at("pid", "scratch", 3000, config)
     assert bench.label_counts("gamma_pi0", bench.Config()) == [100, 300, 600]
+
+
+def test_runs_from_before_min_steps_are_reused_only_when_they_trained_every_step():
+    settings = {"max_steps": 300, "patience": 4, "min_steps": 150}
+    old = {"max_steps": 300, "patience": 4}
+    assert bench.same_run({"settings": settings, "result": {"stopped_early": True}}, settings)
+    assert bench.same_run({"settings": old, "result": {"stopped_early": False}}, settings)
+    assert not bench.same_run({"settings": old, "result": {"stopped_early": True}}, settings)
+    assert not bench.same_run({"settings": {**old, "max_steps": 200}, "result": {"stopped_early": False}}, settings)
 
 
 def test_compare_uses_the_direction_and_the_standard_error():

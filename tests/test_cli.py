@@ -53,7 +53,7 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
 
 
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    from pcfm.quickstart import run_quickstart
+    from pcfm.api import run_quickstart
 
     summary = run_quickstart(tmp_path, n_showers=100, n_lartpc=4, pretrain_steps=3)
     assert summary["calochallenge-ds2"]["events"] == 100 and summary["lartpc"]["events"] == 4

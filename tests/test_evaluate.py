@@ -10,7 +10,7 @@ import pytest
 from pcfm.data.calochallenge import write_calochallenge
 from pcfm.data.events import CaloShowers
 from pcfm.errors import DataError, GeometryError
-from pcfm.evaluate import evaluate
+from pcfm.api import evaluate
 from pcfm.evaluation import report as report_module
 from pcfm.evaluation.classifier import classifier_auc, roc_auc
 from pcfm.evaluation.distances import (frechet_distance, frechet_distance_from_moments, histogram_edges,

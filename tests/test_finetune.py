@@ -12,7 +12,7 @@ import pcfm.data
 import pcfm.sim
 from pcfm.api import backbone_config, pretrain
 from pcfm.engine.data import simulate_pretraining_events
-from pcfm.api_finetune import FinetuneDataModule, balanced_subset, finetune, pretrained_backbone
+from pcfm.api import FinetuneDataModule, balanced_subset, finetune, pretrained_backbone
 from pcfm.errors import DataError
 from pcfm.tasks.finetune import FinetuneModule, task_metrics
 from pcfm.tasks.pretrain import read_checkpoint

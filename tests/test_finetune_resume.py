@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pcfm.api import pretrain
-from pcfm.api_finetune import FinetuneDataModule, finetune
+from pcfm.api import FinetuneDataModule, finetune
+from pcfm.engine.training import PatientEarlyStopping
 from pcfm.tasks.finetune import FinetuneModule, task_metrics
 from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
 from tests.interruption import InterruptAt, Interrupted
@@ -138,3 +139,43 @@ def test_patience_stops_early_and_the_best_validation_weights_are_tested(tmp_pat
 def test_patience_needs_validation_events(tmp_path):
     with pytest.raises(ValueError, match="patience=3 stops on the validation loss, but there are no validation"):
         finetune("classification", workdir=tmp_path, max_steps=2, patience=3, **{**RUN, "val_fraction": 0.0})
+
+
+def _trainer_at(step: int, val_loss: float):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(callback_metrics={"val/loss": torch.tensor(val_loss)}, fast_dev_run=False,
+                           strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+                           should_stop=False, current_epoch=0, global_step=step)
+
+
+@pytest.mark.parametrize("min_steps, stopped_at", [(0, 6), (10, 12), (16, 18)])
+def test_patient_early_stopping_waits_for_min_steps_but_keeps_the_best(min_steps, stopped_at):
+    # validation every 2 steps on a plateau: the loss improves at step 2 and at step 14 only
+    losses = {2: 0.69, 4: 0.70, 6: 0.70, 8: 0.70, 10: 0.70, 12: 0.70, 14: 0.20, 16: 0.30, 18: 0.30, 20: 0.30}
+    stopping = PatientEarlyStopping(min_steps, monitor="val/loss", mode="min", patience=2)
+    stopped = None
+    for step, loss in losses.items():
+        trainer = _trainer_at(step, loss)
+        stopping._run_early_stopping_check(trainer)
+        if trainer.should_stop:
+            stopped = step
+            break
+    assert stopped == stopped_at
+    # plain patience gives up on the plateau (step 6); with min_steps=10 the validations at 10
+    # and 12 use up the patience; with 16 the run reaches the drop at 14, keeps it as the best,
+    # and stops two validations after 16
+    if min_steps == 16:
+        assert float(stopping.best_score) == pytest.approx(0.20)
+    nan_stop = PatientEarlyStopping(100, monitor="val/loss", mode="min", patience=2)
+    trainer = _trainer_at(2, float("nan"))
+    nan_stop._run_early_stopping_check(trainer)
+    assert trainer.should_stop  # a non-finite loss stops at once, min_steps or not
+
+
+def test_min_steps_keeps_a_patient_run_going_and_is_recorded(tmp_path):
+    result = finetune("classification", workdir=tmp_path, max_steps=12, val_every_n_steps=2,
+                      checkpoint_every_n_steps=4, patience=1, min_steps=10, **RUN)
+    assert result.training["steps"] >= 10 and result.training["min_steps"] == 10
+    with pytest.raises(ValueError, match="min_steps must be between 0 and max_steps=12"):
+        finetune("classification", workdir=tmp_path / "bad", max_steps=12, patience=1, min_steps=13, **RUN)

@@ -5,7 +5,8 @@ import torch
 
 import pcfm.api
 from pcfm.data import ShowerDataset, data_to_showers, read_calochallenge
-from pcfm.generate import generate
+from pcfm.api import generate
+from pcfm.errors import PcfmError
 from pcfm.sim import simulate_showers
 from pcfm.tasks.pretrain import CheckpointError, PretrainModule
 
@@ -135,3 +136,18 @@ def test_a_checkpoint_without_the_visible_energy_model_still_loads_and_generates
     with pytest.raises(ValueError, match="visible-energy model saw no training events of geometry "
                                          "'calochallenge-ds2'.*calibrate_energy=False"):
         generate(module, GEOMETRY, [150.0], steps=2, device="cpu", calibrate_energy=True)
+
+
+def test_showers_that_stay_empty_are_named_and_never_written(tmp_path):
+    # two steps of diffusion on the default showers (GeV energies, log transform): the samples
+    # scatter outside the cells, which redraws cannot fix
+    untrained = pcfm.api.pretrain("diffusion", geometry=GEOMETRY, n_events=24, max_steps=2, batch_points=4000,
+                                  val_fraction=0, workdir=tmp_path / "run", progress=False)
+    out = tmp_path / "gen.h5"
+    with pytest.raises(PcfmError, match=r"gen\.h5: not written: \d+ of 6 generated showers \(first: shower \d+\) "
+                                        r"deposit nothing in any cell of calochallenge-ds2 after 3 redraws"):
+        generate(untrained.checkpoint_path, GEOMETRY, [1e4] * 6, steps=2, device="cpu", seed=0, out=out)
+    assert not out.exists()
+    with pytest.warns(UserWarning, match=r"of 6 generated showers .* Is the model trained"):
+        result = generate(untrained.checkpoint_path, GEOMETRY, [1e4] * 6, steps=2, device="cpu", seed=0)
+    assert len(result.points) == 6

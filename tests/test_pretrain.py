@@ -1,4 +1,4 @@
-"""Pretraining end to end (pcfm.api.pretrain, pcfm.tasks.pretrain, pcfm.engine): checkpoints,
+"""Pretraining end to end (pcfm.pretrain, pcfm.tasks.pretrain, pcfm.engine): checkpoints,
 resume, divergence, corrupt files, data from files and mixed detectors."""
 import math
 import re

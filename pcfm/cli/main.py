@@ -118,7 +118,7 @@ def _cmd_pretrain(args) -> int:
 
 def _cmd_finetune(args) -> int:
     """``pcfm finetune --config FILE key=value ...``: the YAML keys are pcfm.finetune's arguments."""
-    from pcfm.api_finetune import finetune
+    from pcfm.api import finetune
 
     config = _run_config(args, finetune)
     if args.patience is not None:
@@ -154,7 +154,7 @@ def _run_config(args, function) -> dict:
 
 
 def _cmd_generate(args) -> int:
-    from pcfm.generate import generate
+    from pcfm.api import generate
 
     energy = _range(args.energy)
     rng = np.random.default_rng(args.seed)
@@ -171,7 +171,7 @@ def _cmd_generate(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     """Compare generated with reference showers (CaloChallenge files) and write the report."""
-    from pcfm.evaluate import evaluate
+    from pcfm.api import evaluate
 
     result = evaluate(args.generated, args.reference, args.geometry, classifier=not args.no_classifier,
                       plots_dir=args.plots, report_path=args.report, seed=args.seed)
@@ -187,7 +187,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_quickstart(args) -> int:
-    from pcfm.quickstart import run_quickstart
+    from pcfm.api import run_quickstart
 
     run_quickstart(workdir=args.workdir, seed=args.seed, pretrain_steps=args.steps)
     return 0

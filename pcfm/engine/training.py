@@ -22,12 +22,13 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from pcfm.data.atomic import atomic_path
+from pcfm.engine.progress import progress_callback
 from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
@@ -46,6 +47,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         with atomic_path(path) as temporary:
             torch.save(checkpoint, temporary)
+
+
+class PatientEarlyStopping(EarlyStopping):
+    """EarlyStopping that cannot end a run before ``min_steps``.
+
+    A network can sit on a plateau (a classifier at chance, loss ln 2) for a few hundred steps
+    before it finds the signal; plain patience would stop it there. Validations before
+    ``min_steps`` still update the best loss (and ``best.ckpt``), but do not count against the
+    patience; a non-finite loss stops at once, as in Lightning."""
+
+    def __init__(self, min_steps: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.min_steps = int(min_steps)
+        self._step = 0
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        self._step = trainer.global_step
+        super()._run_early_stopping_check(trainer)
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor):
+        if self._step < self.min_steps and torch.isfinite(current):
+            if self.monitor_op(current - self.min_delta, self.best_score.to(current.device)):
+                self.best_score = current
+            self.wait_count = 0
+            return False, None
+        return super()._evaluate_stopping_criteria(current)
 
 
 class FinalCheckpoint(Callback):
@@ -113,7 +140,8 @@ def make_trainer(workdir: str | os.PathLike, *, max_steps: int, accelerator: str
                  strategy: Any = "auto", precision: Optional[str] = None, gradient_clip_val: float = 1.0,
                  log_every_n_steps: int = 10, checkpoint_every_n_steps: int = 100,
                  val_every_n_steps: Optional[int] = None, callbacks: Optional[Sequence[Callback]] = None,
-                 progress: bool = True, deterministic: bool | str = False, logger: bool = True) -> L.Trainer:
+                 progress: bool = True, deterministic: bool | str = False, logger: bool = True,
+                 progress_label: str = "train") -> L.Trainer:
     """A Trainer writing to ``workdir`` (module docstring).
 
     Args:
@@ -125,9 +153,11 @@ def make_trainer(workdir: str | os.PathLike, *, max_steps: int, accelerator: str
         checkpoint_every_n_steps: ``last.ckpt`` interval (also saved at the end).
         val_every_n_steps: validation interval in steps (default: ``checkpoint_every_n_steps``).
         callbacks: more Lightning callbacks.
-        progress: show a progress bar.
+        progress: show progress: a bar on a terminal, else a line every 5 % of the run
+            (:mod:`pcfm.engine.progress`), so that logs and pipes see it too.
         deterministic: passed to the Trainer (True, False or "warn").
         logger: write the CSV log.
+        progress_label: what the progress lines start with ("pretrain", "finetune").
     """
     workdir = Path(workdir)
     checkpoints = workdir / CHECKPOINT_DIR
@@ -137,15 +167,16 @@ def make_trainer(workdir: str | os.PathLike, *, max_steps: int, accelerator: str
         RunLogVersions(),
         *(callbacks or []),
     ]
-    if progress:
-        all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, log_every_n_steps)))
+    shown = progress_callback(progress_label, log_every_n_steps) if progress else None
+    if shown is not None:
+        all_callbacks.append(shown)
     return L.Trainer(
         default_root_dir=workdir, max_steps=max_steps, max_epochs=-1, accelerator=accelerator, devices=devices,
         strategy=resolve_strategy(strategy, accelerator, devices),
         precision=precision or default_precision(accelerator), gradient_clip_val=gradient_clip_val or None,
         log_every_n_steps=log_every_n_steps, callbacks=all_callbacks,
         logger=CSVLogger(workdir, name=LOG_DIR) if logger else False,
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=isinstance(shown, ProgressBar), enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=None, val_check_interval=val_every_n_steps or checkpoint_every_n_steps,
         use_distributed_sampler=False, deterministic=deterministic, plugins=[AtomicCheckpointIO()],
     )

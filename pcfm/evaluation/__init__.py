@@ -3,7 +3,7 @@
 The pieces: :mod:`~pcfm.evaluation.features` (high-level features per shower),
 :mod:`~pcfm.evaluation.distances` (separation power, Frechet and kernel distances),
 :mod:`~pcfm.evaluation.classifier` (classifier two-sample test and ROC AUC) and
-:mod:`~pcfm.evaluation.report` (JSON / markdown report and plots). :func:`pcfm.evaluate.evaluate`
+:mod:`~pcfm.evaluation.report` (JSON / markdown report and plots). :func:`pcfm.evaluate`
 ties them together.
 """
 from pcfm.evaluation.classifier import classifier_auc, roc_auc

@@ -57,7 +57,7 @@ _GEN_STYLE = dict(color="C1", label="generated")
 
 
 def markdown_summary(results: dict, folder: Path = Path(".")) -> str:
-    """A short human-readable summary of :func:`pcfm.evaluate.evaluate` results; plot links
+    """A short human-readable summary of :func:`pcfm.evaluate` results; plot links
     are relative to ``folder``, where the summary is written."""
     sep = results["separation_power"]
     lines = [

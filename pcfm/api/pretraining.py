@@ -198,7 +198,7 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
         val_every_n_steps: validation interval (default ``checkpoint_every_n_steps``).
         gradient_clip_val: global gradient-norm clip (0: none).
         callbacks: more Lightning callbacks.
-        progress: show a progress bar.
+        progress: show progress: a bar on a terminal, else a line every 5 % of the run (logs, pipes).
         deterministic: Lightning's ``deterministic`` (True / "warn" make GPU runs reproducible, slower).
         data_options: more :class:`~pcfm.engine.data.PretrainDataModule` keywords
             (``particles``, ``energy_range``, ``theta_range``, ``lartpc_points``, ``max_events``,
@@ -248,7 +248,7 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
                            precision=precision, gradient_clip_val=gradient_clip_val,
                            log_every_n_steps=log_every_n_steps, checkpoint_every_n_steps=checkpoint_every_n_steps,
                            val_every_n_steps=val_every_n_steps, callbacks=callbacks, progress=progress,
-                           deterministic=deterministic)
+                           deterministic=deterministic, progress_label="pretrain")
     fit(trainer, module, datamodule, resume=resume)
     last = checkpoint_path(workdir)
 
