@@ -77,7 +77,7 @@ from pcfm.api import evaluate
 from pcfm.api import generate
 from pcfm.nn import count_parameters
 from pcfm.sim import simulate_showers
-from pcfm.tasks.diffusion import SAMPLERS, network_calls
+from pcfm.tasks.edm import SAMPLERS, network_calls
 from pcfm.tasks.pretrain import PretrainModule
 
 SOURCE_GEOMETRY = "calochallenge-ds2"

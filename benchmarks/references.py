@@ -611,12 +611,12 @@ MAX_VAL_POINTS = 300_000
 
 
 def segmentation_metrics_function():
-    """``pcfm.tasks.finetune.task_metrics`` (the networks' metrics), or, where the network code
+    """``pcfm.finetuning.task_metrics`` (the networks' metrics), or, where the network code
     does not import (it is being rewritten), :func:`_task_metrics_mirror`, its copy (tested equal)."""
     try:
-        from pcfm.tasks.finetune import task_metrics
+        from pcfm.finetuning import task_metrics
     except ImportError as error:  # pcfm.tasks imports pcfm.nn
-        log(f"[references] pcfm.tasks.finetune does not import ({error}); using its metrics' mirror")
+        log(f"[references] pcfm.finetuning does not import ({error}); using its metrics' mirror")
         return _task_metrics_mirror
     return task_metrics
 
@@ -659,7 +659,7 @@ def segment(train_events, val_events, test_events, seed: int = 0, *, max_train_p
     relative to its true frequency in the training events; p and the tree size come from
     :data:`SEGMENT_GRID`, the iteration count from :data:`SEGMENT_ITERATIONS`, all by mean F1 on
     the validation events (points with class -1 ignored). The test metrics are
-    ``pcfm.tasks.finetune.task_metrics("segmentation", ...)``: accuracy, ``f1/<class>`` and
+    ``pcfm.finetuning.task_metrics("segmentation", ...)``: accuracy, ``f1/<class>`` and
     ``mean_f1`` over the classes present in the test truth. Returns ``{"boosted": {"test",
     "val_mean_f1", "params", "n_train_points", "n_train_events", ...}, "best": same}``.
     """

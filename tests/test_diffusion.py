@@ -13,9 +13,9 @@ from pcfm.data.pointcloud import lartpc_to_data
 from pcfm.nn import BACKBONE_PRESETS, Backbone
 from pcfm.sim import simulate_showers
 from pcfm.tasks import get_objective_class
-from pcfm.tasks.diffusion import (PointDiffusion, dequantize_positions, edm_loss_weight, edm_preconditioning,
-                                  dpmpp2m_sampler, heun_sampler, karras_sigmas, located_cell_sizes,
-                                  network_calls, stochastic_sampler)
+from pcfm.tasks.diffusion import PointDiffusion, dequantize_positions, located_cell_sizes
+from pcfm.tasks.edm import (dpmpp2m_sampler, edm_loss_weight, edm_preconditioning, heun_sampler, karras_sigmas,
+                            network_calls, stochastic_sampler)
 
 GEOMETRY = "calochallenge-ds2"
 BACKBONE_CONFIG = BACKBONE_PRESETS["tiny"]
@@ -327,7 +327,7 @@ def test_visible_energy_model_reproduces_the_response_and_its_tie_to_the_points(
 
 
 def test_copula_correlation_of_known_gaussians():
-    from pcfm.tasks.diffusion import _copula_correlation
+    from pcfm.tasks.event_model import _copula_correlation
     rng = np.random.default_rng(0)
     a = rng.normal(size=4000)
     b = 0.6 * a + 0.8 * rng.normal(size=4000)

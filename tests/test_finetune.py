@@ -14,7 +14,7 @@ from pcfm.api import backbone_config, pretrain
 from pcfm.engine.data import simulate_pretraining_events
 from pcfm.api import FinetuneDataModule, balanced_subset, finetune, pretrained_backbone
 from pcfm.errors import DataError
-from pcfm.tasks.finetune import FinetuneModule, task_metrics
+from pcfm.finetuning import FinetuneModule, task_metrics
 from pcfm.tasks.pretrain import read_checkpoint
 
 FAST = dict(progress=False, val_fraction=0.0, batch_points=4000, log_every_n_steps=1)
@@ -58,7 +58,7 @@ def test_regression_reports_energy_resolution_and_angle(tmp_path):
     # The standardisation statistics are those of the training events' log energies.
     stored = json.loads(result.metrics_path.read_text())
     assert stored["targets"] == ["incident_energy", "theta"]
-    mean_log_energy = result.module.target_mean[0].item()
+    mean_log_energy = result.module.task.mean[0].item()
     assert math.log(2e3) < mean_log_energy < math.log(2e4)
 
 
@@ -68,7 +68,7 @@ def test_energy_regression_starts_from_the_visible_energy_calibration():
     options = dict(geometry="par04-scipb", particles=("electron", "photon"), energy_range=(1e3, 1e5))
     datamodule = FinetuneDataModule(task="regression", n_events=300, seed=0, val_fraction=0.0, **options)
     datamodule.setup()
-    statistics = datamodule.regression_statistics()
+    statistics = datamodule.fit_options()
     assert 0.9 < statistics["visible_energy_slope"][0] <= 1.0  # log E and log E_visible: nearly collinear
     module = FinetuneModule(backbone_config("tiny"), task="regression", **statistics).eval()
     test = Batch.from_data_list(list(datamodule.test_dataset))
@@ -77,10 +77,10 @@ def test_energy_regression_starts_from_the_visible_energy_calibration():
     relative = (predicted["prediction"] - predicted["truth"]) / predicted["truth"]
     assert float(relative.std()) < 0.08 and abs(float(relative.mean())) < 0.03
     # a checkpoint from before the calibration path loads with it at zero: the head alone
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("calibration.")}
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("task.calibration.")}
     old = FinetuneModule(backbone_config("tiny"), task="regression", **statistics)
     old.load_state_dict(state)
-    assert torch.equal(old.calibration.weight, torch.zeros(1, 1)) and torch.equal(old.calibration.bias, torch.zeros(1))
+    assert torch.equal(old.task.calibration.weight, torch.zeros(1, 1)) and torch.equal(old.task.calibration.bias, torch.zeros(1))
 
 
 def test_segmentation_weights_rare_classes_and_reports_f1(tmp_path):
@@ -94,7 +94,7 @@ def test_segmentation_weights_rare_classes_and_reports_f1(tmp_path):
     datamodule = FinetuneDataModule(events, task="segmentation", seed=0, val_fraction=0.0)
     datamodule.setup()
     counts = np.bincount(torch.cat([item.semantic for item in datamodule.train_dataset]).numpy(), minlength=5)
-    weights = result.module.class_weights.numpy()
+    weights = result.module.task.weights.numpy()
     seen = counts > 0
     assert np.allclose(weights[seen] * counts[seen], counts.sum() / seen.sum())
     assert weights[seen].max() > 2 * weights[seen].min()  # the simulated classes are imbalanced
@@ -102,7 +102,7 @@ def test_segmentation_weights_rare_classes_and_reports_f1(tmp_path):
 
 class RecordHead(L.Callback):
     def on_train_start(self, trainer, module):
-        self.head = {key: value.clone() for key, value in module.head.state_dict().items()}
+        self.head = {key: value.clone() for key, value in module.task.head.state_dict().items()}
 
 
 def test_linear_probe_on_another_geometry_keeps_the_pretrained_backbone_and_trains_the_head(tmp_path, pretrained):
@@ -116,7 +116,7 @@ def test_linear_probe_on_another_geometry_keeps_the_pretrained_backbone_and_trai
     assert all(torch.equal(backbone[key], stored[f"backbone.{key}"]) for key in backbone)
     scratch = FinetuneModule(backbone_config("tiny")).backbone.state_dict()
     assert not all(torch.equal(scratch[key], backbone[key]) for key in backbone)
-    head = result.module.head.state_dict()
+    head = result.module.task.head.state_dict()
     assert any(not torch.equal(head[key], recorder.head[key]) for key in head)
     assert json.loads(result.metrics_path.read_text())["checkpoint"] == str(pretrained.checkpoint_path)
 
@@ -135,7 +135,7 @@ def test_optimiser_groups_give_the_backbone_its_learning_rate(mode, backbone_lr)
     by_group = {group["name"]: group for group in optimizer.param_groups}
     in_groups = lambda prefix: {id(p) for name, group in by_group.items() if name.startswith(prefix)  # noqa: E731
                                 for p in group["params"]}
-    assert in_groups("head") == {id(p) for p in module.head.parameters()}
+    assert in_groups("head") == {id(p) for p in module.task.head.parameters()}
     assert all(by_group[name]["initial_lr"] == 1e-3 for name in by_group if name.startswith("head"))
     if backbone_lr is None:
         assert not in_groups("backbone")
@@ -275,3 +275,29 @@ def test_regression_cannot_read_its_targets_from_the_conditioning():
     assert torch.equal(outputs[0], outputs[1])
     assert not torch.allclose(logits[0], logits[1])
     assert torch.allclose(module.labels(changed)[:, 0], module.labels(batch)[:, 0] + math.log(2.0))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "segmentation"])
+def test_checkpoints_of_pcfm_0_1_load_and_predict_as_they_did(task):
+    """Fine-tune checkpoints written before the tasks owned their heads (tests/data/checkpoints_0_1,
+    made by its make.py at commit 1fd51bc) load, keep their options, and give the stored outputs."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "checkpoints_0_1"
+    spec = importlib.util.spec_from_file_location("make_checkpoints_0_1", folder / "make.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    stored = torch.load(folder / f"{task}.ckpt", map_location="cpu", weights_only=False)
+    assert not any(key.startswith("task.") for key in stored["state_dict"])  # the old layout indeed
+    module = FinetuneModule.load_from_checkpoint(folder / f"{task}.ckpt").eval()
+    with torch.no_grad():
+        outputs = module(maker.events(task))
+    expected = torch.tensor(json.loads((folder / "expected.json").read_text())[task])
+    torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+    if task == "regression":
+        assert module.task.targets == ["incident_energy", "theta"]
+        assert torch.equal(module.task.mean, torch.tensor(stored["hyper_parameters"]["target_mean"]))
+    else:
+        assert torch.equal(module.task.weights, stored["state_dict"]["class_weights"])

@@ -11,7 +11,7 @@ import torch
 from pcfm.api import pretrain
 from pcfm.api import FinetuneDataModule, finetune
 from pcfm.engine.training import PatientEarlyStopping
-from pcfm.tasks.finetune import FinetuneModule, task_metrics
+from pcfm.finetuning import FinetuneModule, task_metrics
 from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
 from tests.interruption import InterruptAt, Interrupted
 

@@ -346,3 +346,27 @@ def test_importing_pcfm_does_not_import_triton():
             "print(sorted(m for m in ('triton', 'pcfm.kernels') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def counted_reference(q, k, v, ptr, *, pos, distance_slope, scale):
+    """A registered toy backend: the reference, counting its calls."""
+    counted_reference.calls += 1
+    return attention.varlen_attention_reference(q, k, v, ptr, pos=pos, distance_slope=distance_slope, scale=scale)
+
+
+counted_reference.calls = 0
+
+
+def test_a_registered_backend_runs_when_named_and_auto_ignores_it_unless_listed(monkeypatch):
+    monkeypatch.setitem(attention.ATTENTION_BACKENDS, "counted",
+                        attention.AttentionBackend({"varlen": f"{__name__}:counted_reference"}))
+    q, k, v, ptr, pos, slope = ragged([3, 5])
+    out = varlen_attention(q, k, v, ptr, pos=pos, distance_slope=slope, backend="counted")
+    torch.testing.assert_close(out, dense_per_event(q, k, v, ptr, pos, slope))
+    assert counted_reference.calls == 1
+    with pytest.raises(ValueError, match="backend='counted' cannot run here: it only implements varlen_attention"):
+        resolve_backend("edge", backend="counted", device="cpu", dtype=torch.float64, head_dim=4)
+    assert resolve_backend("varlen", device="cpu", dtype=torch.float64, head_dim=4) == "sdpa"
+    monkeypatch.setitem(attention.AUTO_ORDER, "other", ("counted", "reference"))
+    assert resolve_backend("varlen", device="cpu", dtype=torch.float64, head_dim=4) == "counted"
+    assert resolve_backend("edge", device="cpu", dtype=torch.float64, head_dim=4) == "reference"

@@ -257,7 +257,7 @@ def test_balanced_cap_keeps_rare_classes():
 
 def test_metrics_mirror_matches_pcfm_task_metrics():
     try:
-        from pcfm.tasks.finetune import task_metrics
+        from pcfm.finetuning import task_metrics
     except ImportError as error:
         pytest.skip(f"pcfm.tasks does not import now ({error})")
     rng = np.random.default_rng(0)

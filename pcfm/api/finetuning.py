@@ -23,6 +23,7 @@ improving.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,25 +33,23 @@ from typing import Any, Mapping, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch_geometric.loader import DataLoader
 
 from pcfm.api.pretraining import backbone_config
 from pcfm.data import PointBudgetBatchSampler
 from pcfm.data.atomic import atomic_path
-from pcfm.engine.data import (DEFAULT_GEOMETRY, PretrainDataModule, PretrainingView, event_sizes,
+from pcfm.engine.data import (PretrainDataModule, PretrainingView, event_sizes,
                               pretraining_item, split_indices)
 from pcfm.engine.training import (CHECKPOINT_DIR, PatientEarlyStopping, checkpoint_path, fit, make_trainer,
                                   read_history)
 from pcfm.errors import DataError
 from pcfm.nn import Backbone, BackboneConfig
-from pcfm.tasks.finetune import (CLASS_NAMES, TASKS, FinetuneModule, backbone_state, log_visible_energy,
-                                 regression_values, task_metrics)
-from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
+from pcfm.finetuning import DownstreamTask, FinetuneModule, backbone_state, get_task_class, make_task
+from pcfm.finetuning.classification import balanced_subset  # noqa: F401 - its public home until 0.3
+from pcfm.engine.checkpoints import CheckpointError, read_checkpoint
 
-#: Geometry simulated for segmentation when neither data nor a geometry is given.
-DEFAULT_SEGMENTATION_GEOMETRY = "lartpc-768"
 #: File of the held-out metrics in the workdir.
 METRICS_FILE = "metrics.json"
 #: File, next to ``last.ckpt``, of the weights with the lowest validation loss.
@@ -64,8 +63,8 @@ class FinetuneResult:
     """What :func:`finetune` returns.
 
     Attributes:
-        module: the fine-tuned :class:`~pcfm.tasks.finetune.FinetuneModule`.
-        metrics: held-out test metrics (:func:`~pcfm.tasks.finetune.task_metrics`) plus
+        module: the fine-tuned :class:`~pcfm.finetuning.FinetuneModule`.
+        metrics: held-out test metrics (the task's :meth:`~pcfm.finetuning.DownstreamTask.metrics`) plus
             ``n_train`` and ``n_test`` events.
         metrics_path: ``workdir/metrics.json``: these metrics, the run's settings and ``training``.
         checkpoint_path: ``workdir/checkpoints/last.ckpt``: the final weights, and the point a
@@ -105,31 +104,15 @@ class LabelledView(PretrainingView):
         return item
 
 
-def balanced_subset(indices: np.ndarray, classes: np.ndarray, n_labels: int, seed: int) -> np.ndarray:
-    """``n_labels`` of ``indices``, as even over ``classes`` as they allow, drawn with ``seed``.
-
-    Events are taken round-robin over the classes in a seeded random order, so every class gets
-    ``n_labels // K`` (or one more) unless it has fewer events, whose share goes to the others.
-    """
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(indices))
-    classes = classes[order]
-    rank = np.empty(len(order), dtype=np.int64)  # position of each event within its class
-    by_class = np.argsort(classes, kind="stable")
-    starts = np.searchsorted(classes[by_class], classes[by_class])
-    rank[by_class] = np.arange(len(order)) - starts
-    take = np.lexsort((rng.random(len(order)), rank))[:n_labels]
-    return np.sort(indices[order[take]])
-
-
 class FinetuneDataModule(PretrainDataModule):
     """Train / validation / test loaders of labelled events for :class:`FinetuneModule`.
 
     Args:
         data: as :class:`~pcfm.engine.data.PretrainDataModule` (None simulates events).
-        task: one of :data:`~pcfm.tasks.finetune.TASKS`; fixes the label read
-            (``y``, the regression targets, ``semantic``).
-        targets: regression targets.
+        task: a name in :data:`~pcfm.finetuning.TASKS`, or a
+            :class:`~pcfm.finetuning.DownstreamTask`: it says which events have a usable label,
+            how ``n_labels`` are drawn and what is fitted on the training events.
+        targets: regression targets (with a task name).
         n_labels: training events kept (None: all); balanced over classes for classification.
         test_fraction: share of the labelled events held out for testing (ignored with ``test_data``).
         test_data: a separate test set (files, a list of ``Data`` or a dataset): every usable
@@ -140,52 +123,34 @@ class FinetuneDataModule(PretrainDataModule):
             ``n_events``, ``val_fraction``, ``batch_points``, ``seed``, ``particles``, ...).
     """
 
-    def __init__(self, data: Any = None, *, task: str, targets: Sequence[str] = ("incident_energy",),
+    def __init__(self, data: Any = None, *, task: str | DownstreamTask, targets: Sequence[str] = ("incident_energy",),
                  n_labels: Optional[int] = None, test_fraction: float = 0.2, test_data: Any = None,
                  val_data: Any = None, **options):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+        self.downstream = task if isinstance(task, DownstreamTask) else make_task(task, targets=tuple(targets))
         if data is None and options.get("geometry") is None:
-            options["geometry"] = DEFAULT_SEGMENTATION_GEOMETRY if task == "segmentation" else DEFAULT_GEOMETRY
+            options["geometry"] = self.downstream.default_geometry
         super().__init__(data, **options)
         if n_labels is not None and n_labels < 1:
             raise ValueError(f"n_labels must be >= 1, got {n_labels}")
-        self.task, self.targets = task, tuple(targets)
+        self.task, self.targets = self.downstream.name, tuple(targets)
         self.n_labels, self.test_fraction, self.test_data = n_labels, float(test_fraction), test_data
         self.val_data = val_data
-        self.label_field = {"classification": "y", "segmentation": "semantic"}.get(task)
+        self.label_field = self.downstream.label_field
         self.test_dataset: Optional[LabelledView] = None
         self._test_sizes = None
         self.event_classes: Optional[np.ndarray] = None  # classification: y of every dataset event (-1 unusable)
 
     def _usable(self, dataset, candidates: np.ndarray) -> np.ndarray:
-        """The candidates whose label this task can use.
-
-        Left out: regression events with an unknown (NaN) target, classification events of a
-        particle outside :data:`~pcfm.data.PARTICLE_CLASSES` (``y`` -1). A DataError names an
+        """The candidates whose label the task can use (its
+        :meth:`~pcfm.finetuning.DownstreamTask.check_label` >= 0; e.g. not a regression event of
+        unknown target, nor a classification event outside the classes). A DataError names an
         event with no label at all, or with per-point labels that do not match its points.
         """
-        keep = np.zeros(len(candidates), dtype=bool)
         classes = np.full(len(dataset), -1, dtype=np.int64)
-        for position, index in enumerate(candidates):
-            item = dataset[int(index)]
-            if self.task == "regression":
-                values = regression_values(pretraining_item(item, int(index)), self.targets)
-                keep[position] = bool(torch.isfinite(values).all())
-                continue
-            label = getattr(item, self.label_field, None)
-            if label is None:
-                raise DataError(f"has no {self.label_field!r} label, which {self.task} needs", event=int(index))
-            if self.task == "classification":
-                classes[index] = int(label.reshape(-1)[0])
-                keep[position] = classes[index] >= 0
-            elif label.numel() != item.num_nodes:
-                raise DataError(f"has {label.numel()} {self.label_field!r} labels for {item.num_nodes} points",
-                                event=int(index))
-            else:
-                keep[position] = True
+        for index in candidates:
+            classes[index] = self.downstream.check_label(dataset[int(index)], int(index))
         self.event_classes = classes
-        return candidates[keep]
+        return candidates[classes[candidates] >= 0]
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Open (or simulate) the data once and split it into train (n_labels), validation and test."""
@@ -213,10 +178,7 @@ class FinetuneDataModule(PretrainDataModule):
         if self.n_labels is not None:
             if self.n_labels > len(train):
                 raise ValueError(f"n_labels={self.n_labels} but only {len(train)} training events are available")
-            if self.task == "classification":
-                train = balanced_subset(train, self.event_classes[train], self.n_labels, self.seed)
-            else:
-                train = np.sort(np.random.default_rng(self.seed).choice(train, self.n_labels, replace=False))
+            train = self.downstream.subset(train, self.event_classes[train], self.n_labels, self.seed)
         self.dataset = dataset
         self.train_dataset = LabelledView(dataset, train, self.label_field)
         self.val_dataset = LabelledView(val_dataset, val, self.label_field)
@@ -243,31 +205,18 @@ class FinetuneDataModule(PretrainDataModule):
                                           max_events=self.max_events)
         return DataLoader(self.test_dataset, batch_sampler=sampler, **self._workers())
 
-    def class_weights(self) -> list[float]:
-        """Segmentation: inverse frequency of each class among the training points, scaled so that
-        the weighted mean over the training points is 1 (classes without points weigh 1)."""
-        counts = np.zeros(len(CLASS_NAMES["segmentation"]))
-        for item in self.train_dataset:
-            labels = item.semantic.numpy()
-            counts += np.bincount(labels[labels >= 0], minlength=len(counts))[:len(counts)]
-        present = counts > 0
-        weights = np.ones_like(counts)
-        weights[present] = counts[present].sum() / (present.sum() * counts[present])
-        return weights.tolist()
+    def fit_options(self) -> dict[str, Any]:
+        """What the task fits on the training events before training (class weights, target
+        standardisation, ...): :class:`~pcfm.finetuning.FinetuneModule` keywords."""
+        return self.downstream.fit_options(list(self.train_dataset))
 
-    def regression_statistics(self) -> dict[str, list[float]]:
-        """:class:`~pcfm.tasks.finetune.FinetuneModule` keywords from the training events: mean and
-        spread of each target and of the log visible energy (``target_mean``, ``target_std``),
-        and the least-squares slope of each standardised target on the standardised log visible
-        energy (``visible_energy_slope``: their correlation; 0 with fewer than 2 events)."""
-        events = Batch.from_data_list(list(self.train_dataset))
-        values = torch.cat([regression_values(events, self.targets), log_visible_energy(events)], 1).double()
-        std = values.std(0) if len(values) > 1 else torch.ones(values.shape[1], dtype=values.dtype)
-        std = std.clamp_min(1e-6)
-        standard = (values - values.mean(0)) / std
-        slope = (standard[:, :-1] * standard[:, -1:]).sum(0) / max(len(values) - 1, 1)
-        return {"target_mean": values.mean(0).tolist(), "target_std": std.tolist(),
-                "visible_energy_slope": slope.tolist() if len(values) > 1 else [0.0] * len(self.targets)}
+
+def module_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Task options as :class:`~pcfm.finetuning.FinetuneModule` keywords: its own parameters
+    (the built-in tasks' options) as they are, any other under ``task_options``."""
+    own = inspect.signature(FinetuneModule.__init__).parameters
+    other = {key: value for key, value in options.items() if key not in own}
+    return {**{key: value for key, value in options.items() if key in own}, **({"task_options": other} if other else {})}
 
 
 def pretrained_backbone(checkpoint: Any, model: str | BackboneConfig | Mapping[str, Any]
@@ -348,8 +297,9 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     """Fine-tune a backbone with a task head, test it on held-out events and write the metrics.
 
     Args:
-        task: "classification" (particle class ``y``), "regression" (``targets``) or
-            "segmentation" (per-point LArTPC ``semantic``).
+        task: a name in :data:`pcfm.finetuning.TASKS`: "classification" (particle class ``y``),
+            "regression" (``targets``), "segmentation" (per-point LArTPC ``semantic``), or one
+            registered there.
         data: files / globs / folders, or a dataset (or list) of PyG ``Data`` carrying the
             task's labels; None simulates ``n_events`` events per ``geometry``.
         checkpoint: a pretraining (or fine-tuning) checkpoint path, a ``PretrainModule`` or a
@@ -415,6 +365,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         raise ValueError(f"min_steps must be between 0 and max_steps={max_steps}, got {min_steps}")
     if checkpoint_every_n_steps < 1:
         raise ValueError(f"checkpoint_every_n_steps must be >= 1, got {checkpoint_every_n_steps}")
+    task_options = get_task_class(task).OPTIONS  # an unknown task fails here, before any work
     config, weights = pretrained_backbone(checkpoint, model)
     if warmup_steps is None:
         warmup_steps = min(50, max_steps // 10)
@@ -439,7 +390,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
     settings = _plain({
         "task": task, "mode": mode, "n_labels": n_labels, "seed": seed,
         "checkpoint_weights": None if weights is None else _digest(sorted(weights.items())),
-        "backbone": config.to_dict(), "targets": list(targets) if task == "regression" else None,
+        "backbone": config.to_dict(), "targets": list(targets) if "targets" in task_options else None,
         "geometry": geometry, "n_events": n_events if data is None else None,
         "data_options": dict(data_options or {}), "test_fraction": None if separate_test else test_fraction,
         "val_fraction": None if val_data is not None else val_fraction, "val_data": val_data is not None,
@@ -462,15 +413,10 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
             path.unlink(missing_ok=True)
     finished = stored is not None and bool(stored[RUN_ENTRY]["finished"])
 
-    statistics = {}
-    if task == "regression":
-        statistics.update(datamodule.regression_statistics())
-    if task == "segmentation":
-        statistics["class_weights"] = datamodule.class_weights()
     module = FinetuneModule(config, task=task, mode=mode, targets=targets, lr=lr,
                             backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
                             warmup_steps=warmup_steps, max_steps=max_steps, augment=augment, augment_seed=seed,
-                            class_names=class_names if task == "classification" else None, **statistics)
+                            class_names=class_names, **module_options(datamodule.fit_options()))
     if weights is not None:
         module.backbone.load_state_dict(weights)
     run_callbacks: list[L.Callback] = [FinetuneRun(settings, max_steps)]
@@ -522,9 +468,9 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
 
     batches = evaluator.predict(module, dataloaders=datamodule.test_dataloader())
     prediction, truth = (torch.cat([batch[key] for batch in batches]).numpy() for key in ("prediction", "truth"))
-    metrics = task_metrics(task, prediction, truth, targets, class_names=class_names)
+    metrics = module.task.metrics(prediction, truth)
     metrics.update(n_train=len(datamodule.train_dataset), n_test=len(datamodule.test_dataset))
-    record = {"task": task, "mode": mode, "n_labels": n_labels, "targets": list(targets) if task == "regression"
+    record = {"task": task, "mode": mode, "n_labels": n_labels, "targets": list(targets) if "targets" in task_options
               else None, "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
               "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed,
               "test_set": "test_data" if separate_test else f"{test_fraction:g} of data", "metrics": metrics,

@@ -31,11 +31,7 @@ def _cmd_geometries(args) -> int:
     print(f"{'name':28s} {'kind':12s} {'cells':>10s} {'depth':>22s}  description")
     for name in geometry.available():
         geo = geometry.get(name)
-        if geo.kind == "calorimeter":
-            depth = f"{geo.depth_mm:7.1f} mm {geo.layer_x0()[-1]:5.1f} X0"
-        else:
-            depth = " x ".join(f"{e:.0f}" for e in geo.extent_mm) + " mm"
-        print(f"{name:28s} {geo.kind:12s} {geo.n_cells:10d} {depth:>22s}  {geo.description}")
+        print(f"{name:28s} {geo.kind:12s} {geo.n_cells:10d} {geo.extent_text():>22s}  {geo.description}")
     return 0
 
 

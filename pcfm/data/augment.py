@@ -5,6 +5,8 @@ training loss falls to zero while its validation loss rises); showing each event
 of its detector's symmetries makes it learn the physics instead. Only symmetries that keep every
 cell on the cell lattice are used, so an augmented event is an event the detector can record:
 
+Each geometry knows its symmetries (:meth:`pcfm.geometry.Geometry.move_by_symmetry`):
+
 - cylindrical calorimeters: rotations about the mesh axis by multiples of the angular bin (the
   largest step common to every layer), and the reflection y -> -y; the incident direction's
   azimuth ``phi`` turns with the event (a known ``theta`` is unchanged);
@@ -17,15 +19,13 @@ left as they are.
 from __future__ import annotations
 
 import copy
-import math
-from functools import reduce
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from pcfm import geometry as geometries
-from pcfm.geometry import CylindricalGeometry, VoxelGridGeometry
+from pcfm.geometry import CylindricalGeometry
 
 
 def _event_names(data, num_events: int) -> list[str]:
@@ -36,47 +36,8 @@ def _event_names(data, num_events: int) -> list[str]:
 
 
 def rotation_step(geometry: CylindricalGeometry) -> Optional[float]:
-    """The smallest rotation (radians) about the mesh axis that maps every layer's angular bins
-    onto themselves, or None when only the identity does (a layer of one angular bin)."""
-    common = reduce(math.gcd, (layer.n_alpha for layer in geometry.layers))
-    return None if common < 2 else 2 * math.pi / common
-
-
-def _calorimeter(pos: Tensor, phi: Optional[Tensor], geometry: CylindricalGeometry, events: Tensor,
-                 point_event: Tensor, generator: Optional[torch.Generator]) -> None:
-    """Rotate and reflect, in place, the points (``point_event``: local event of each) of ``events``."""
-    n = events.numel()
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    step = rotation_step(geometry)
-    angle = torch.zeros(n) if step is None else torch.randint(
-        0, round(2 * math.pi / step), (n,), generator=generator).double() * step
-    flip, angle = flip.to(pos.device), angle.to(pos.device)
-    x, y = pos[:, 0].double(), pos[:, 1].double() * flip[point_event]
-    cos, sin = angle.cos()[point_event], angle.sin()[point_event]
-    pos[:, 0], pos[:, 1] = (x * cos - y * sin).to(pos.dtype), (x * sin + y * cos).to(pos.dtype)
-    if phi is not None:
-        known = torch.isfinite(phi[events])
-        turned = torch.remainder(phi[events].double() * flip + angle + math.pi, 2 * math.pi) - math.pi
-        phi[events] = torch.where(known, turned.to(phi.dtype), phi[events])
-
-
-def _voxel_grid(pos: Tensor, geometry: VoxelGridGeometry, events: Tensor, point_event: Tensor,
-                generator: Optional[torch.Generator]) -> None:
-    """Reflect each axis about the volume's centre and permute equal-length axes, in place."""
-    n = events.numel()
-    centre = torch.as_tensor(geometry.origin_mm + geometry.extent_mm / 2, dtype=torch.float64, device=pos.device)
-    relative = pos.double() - centre
-    shape = torch.tensor(geometry.shape)
-    # a random permutation among axes of equal length: sort random keys within each length class
-    keys = torch.rand(n, 3, generator=generator) + shape.double()[None, :] * 10
-    permutation = torch.argsort(keys, dim=1).to(pos.device)  # equal lengths stay in their own class
-    signs = torch.where(torch.rand(n, 3, generator=generator) < 0.5, -1.0, 1.0).to(pos.device)
-    order = torch.argsort(shape.double()[None, :].expand(n, 3), dim=1, stable=True).to(pos.device)
-    target = torch.empty_like(permutation)
-    target.scatter_(1, order, permutation)  # axis j goes to axis target[j], within its length class
-    moved = torch.empty_like(relative)
-    moved.scatter_(1, target[point_event], relative * signs[point_event])
-    pos.copy_((moved + centre).to(pos.dtype))
+    """:meth:`pcfm.geometry.CylindricalGeometry.rotation_step` (kept here for its callers)."""
+    return geometry.rotation_step()
 
 
 def augment_by_symmetry(data, generator: Optional[torch.Generator] = None):
@@ -99,11 +60,7 @@ def augment_by_symmetry(data, generator: Optional[torch.Generator] = None):
         local[events] = torch.arange(events.numel(), device=pos.device)
         points = torch.nonzero(local[batch] >= 0).flatten()
         part = pos[points]
-        if isinstance(geometry, CylindricalGeometry):
-            _calorimeter(part, phi, geometry, events, local[batch[points]], generator)
-        elif isinstance(geometry, VoxelGridGeometry):
-            _voxel_grid(part, geometry, events, local[batch[points]], generator)
-        else:
+        if not geometry.move_by_symmetry(part, phi, events, local[batch[points]], generator):
             continue
         pos[points] = part
         if getattr(data, "cell", None) is not None:

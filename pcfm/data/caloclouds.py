@@ -175,3 +175,27 @@ class CaloCloudsDataset(LazyEventDataset):
 
     def _count_points(self, h5file: h5py.File, start: int, stop: int, layout: _Layout) -> np.ndarray:
         return np.sum(h5file["events"][start:stop, :, 3] > 0, axis=1)
+
+
+class _CloudsAsData:
+    """Picklable transform: a CaloCloudEvent to a Data point cloud (for DataLoader workers)."""
+
+    def __init__(self, geometry, transform):
+        self.geometry, self.transform = geometry, transform
+
+    def __call__(self, event):
+        from pcfm.data.pointcloud import cloud_to_data
+
+        data = cloud_to_data(event.points, event.incident_energy, self.geometry)
+        return data if self.transform is None else self.transform(data)
+
+
+def open_caloclouds(paths: list, geometry, transform, **options) -> "CaloCloudsDataset":
+    """The :data:`~pcfm.data.formats.FORMATS` opener: events as ``Data`` point clouds. The files
+    keep the layer index as y: without ``layer_pitch_mm`` a warning says so."""
+    import warnings
+
+    if options.get("layer_pitch_mm") is None:
+        warnings.warn(f"{paths[0]}: CaloClouds files store the layer index as y; pass layer_pitch_mm= "
+                      "to get y in mm (it stays in layer units otherwise)", stacklevel=4)
+    return CaloCloudsDataset(paths, transform=_CloudsAsData(geometry, transform), **options)

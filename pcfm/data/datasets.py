@@ -31,7 +31,7 @@ Transform = Optional[Callable[[Data], Any]]
 
 
 def _threshold(geometry, threshold: Optional[float]) -> float:
-    return getattr(geometry, "readout_threshold_mev", 0.0) if threshold is None else float(threshold)
+    return geometry.readout_threshold_mev if threshold is None else float(threshold)
 
 
 class ShowerDataset(torch.utils.data.Dataset):
@@ -140,3 +140,13 @@ class LArTPCDataset(torch.utils.data.Dataset):
     def scan(self):
         """Validate every event; see :meth:`pcfm.data.hdf5.LazyEventDataset.scan`."""
         return self.events.scan()
+
+
+def open_calochallenge(paths: list, geometry, transform, **options) -> CaloChallengeDataset:
+    """The :data:`~pcfm.data.formats.FORMATS` opener of CaloChallenge files."""
+    return CaloChallengeDataset(paths, geometry, transform=transform, **options)
+
+
+def open_pilarnet(paths: list, geometry, transform, **options) -> LArTPCDataset:
+    """The :data:`~pcfm.data.formats.FORMATS` opener of PILArNet files (default geometry lartpc-768)."""
+    return LArTPCDataset(paths, geometry or "lartpc-768", transform=transform, **options)

@@ -6,16 +6,33 @@ lazy dataset, whose items are ``torch_geometric.data.Data`` point clouds in mm: 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import importlib
+from dataclasses import dataclass
+from typing import Iterable
 
 from pcfm.data.hdf5 import PathLike, expand_paths, open_hdf5
 from pcfm.errors import DataError
 
-#: Required keys of each format, in the order they are tried.
-FORMAT_KEYS = {
-    "calochallenge": ("incident_energies", "showers"),
-    "pilarnet": ("point", "cluster"),
-    "caloclouds": ("events", "energy"),
+@dataclass(frozen=True)
+class FileFormat:
+    """A file format :func:`open_dataset` reads: the HDF5 keys that identify its files, and the
+    function (``"module:function"``, imported on first use) that opens a list of them as a lazy
+    dataset: ``opener(paths, geometry, transform, **options)``."""
+
+    keys: tuple[str, ...]
+    opener: str
+
+    def open(self, paths: list, geometry, transform, **options):
+        module_name, function = self.opener.split(":")
+        return getattr(importlib.import_module(module_name), function)(paths, geometry, transform, **options)
+
+
+#: Format name -> how to recognise and open it, in the order detection tries them. A new
+#: format: its reader module with an opener function, and one line here.
+FORMATS: dict[str, FileFormat] = {
+    "calochallenge": FileFormat(("incident_energies", "showers"), "pcfm.data.datasets:open_calochallenge"),
+    "pilarnet": FileFormat(("point", "cluster"), "pcfm.data.datasets:open_pilarnet"),
+    "caloclouds": FileFormat(("events", "energy"), "pcfm.data.caloclouds:open_caloclouds"),
 }
 
 
@@ -23,24 +40,11 @@ def detect_format(path: PathLike) -> str:
     """The format of one HDF5 file, from its keys; a DataError naming the file if none fits."""
     with open_hdf5(path) as h5file:
         keys = set(h5file.keys())
-    for name, required in FORMAT_KEYS.items():
-        if keys.issuperset(required):
+    for name, spec in FORMATS.items():
+        if keys.issuperset(spec.keys):
             return name
-    expected = "; ".join(f"{name}: {', '.join(req)}" for name, req in FORMAT_KEYS.items())
+    expected = "; ".join(f"{name}: {', '.join(spec.keys)}" for name, spec in FORMATS.items())
     raise DataError(f"unknown file format: keys {sorted(keys)} match none of ({expected})", path)
-
-
-class _CloudsAsData:
-    """Picklable transform: a CaloCloudEvent to a Data point cloud (for DataLoader workers)."""
-
-    def __init__(self, geometry, transform):
-        self.geometry, self.transform = geometry, transform
-
-    def __call__(self, event) -> Any:
-        from pcfm.data.pointcloud import cloud_to_data
-
-        data = cloud_to_data(event.points, event.incident_energy, self.geometry)
-        return data if self.transform is None else self.transform(data)
 
 
 def open_dataset(paths_or_globs: PathLike | Iterable[PathLike], *, format: str = "auto",
@@ -49,7 +53,7 @@ def open_dataset(paths_or_globs: PathLike | Iterable[PathLike], *, format: str =
 
     Args:
         paths_or_globs: files, glob patterns or folders.
-        format: "auto", "calochallenge", "pilarnet" or "caloclouds".
+        format: "auto" or a name in :data:`FORMATS` ("calochallenge", "pilarnet", "caloclouds").
         geometry: the detector geometry (name or object); defaults per format (CaloChallenge:
             from the file attribute or voxel count; PILArNet: lartpc-768; CaloClouds: none, so
             points keep the file's coordinates and get zero cell sizes). CaloClouds files keep
@@ -61,22 +65,6 @@ def open_dataset(paths_or_globs: PathLike | Iterable[PathLike], *, format: str =
     paths = expand_paths(paths_or_globs)
     if format == "auto":
         format = detect_format(paths[0])
-    if format == "calochallenge":
-        from pcfm.data.datasets import CaloChallengeDataset
-
-        return CaloChallengeDataset(paths, geometry, transform=transform, **options)
-    if format == "pilarnet":
-        from pcfm.data.datasets import LArTPCDataset
-
-        return LArTPCDataset(paths, geometry or "lartpc-768", transform=transform, **options)
-    if format == "caloclouds":
-        import warnings
-
-        from pcfm.data.caloclouds import CaloCloudsDataset
-
-        if options.get("layer_pitch_mm") is None:
-            warnings.warn(f"{paths[0]}: CaloClouds files store the layer index as y; pass layer_pitch_mm= "
-                          "to get y in mm (it stays in layer units otherwise)", stacklevel=2)
-
-        return CaloCloudsDataset(paths, transform=_CloudsAsData(geometry, transform), **options)
-    raise ValueError(f"unknown format {format!r}; choose auto, {', '.join(FORMAT_KEYS)}")
+    if format in FORMATS:
+        return FORMATS[format].open(paths, geometry, transform, **options)
+    raise ValueError(f"unknown format {format!r}; choose auto, {', '.join(FORMATS)}")

@@ -104,7 +104,7 @@ def cells_to_data(cells: np.ndarray, incident_energy: float, geometry: GeometryL
         raise DataError(f"a shower of {cells.shape[0]} cells does not fit geometry {geometry.name!r} "
                         f"of {geometry.n_cells} cells")
     if threshold is None:
-        threshold = getattr(geometry, "readout_threshold_mev", 0.0)
+        threshold = geometry.readout_threshold_mev
     index = np.flatnonzero((cells > 0) & (cells >= threshold))
     energy = cells[index].astype(np.float32)
     return Data(

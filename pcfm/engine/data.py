@@ -136,6 +136,9 @@ def simulate_pretraining_events(geometry: str | Sequence[str] = DEFAULT_GEOMETRY
         if isinstance(geo, geometries.VoxelGridGeometry):
             events = simulate_lartpc_events(n_events, rng=rng, target_points=lartpc_points)
             parts.append(EventList([lartpc_to_data(event, geo) for event in events]))
+        elif not isinstance(geo, geometries.CylindricalGeometry):
+            raise ValueError(f"no simulator for geometry {name!r} (kind {geo.kind!r}): give data= (files or "
+                             f"events) to train on it; pcfm.sim simulates cylindrical calorimeters and voxel grids")
         else:
             pdg = np.array([codes[p] for p in particles])[rng.integers(len(particles), size=n_events)]
             theta = tuple(float(t) for t in theta_range) if isinstance(theta_range, (tuple, list)) else theta_range

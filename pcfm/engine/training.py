@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from pcfm.data.atomic import atomic_path
 from pcfm.engine.progress import progress_callback
-from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
+from pcfm.engine.checkpoints import CheckpointError, read_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -200,14 +200,11 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
 
 
 def check_same_run(checkpoint: dict[str, Any], module: L.LightningModule, path: Path) -> None:
-    """Resuming needs the backbone and objectives the checkpoint was written for; say so plainly."""
-    stored, wanted = checkpoint["hyper_parameters"], module.hparams
-    if stored.get("backbone") != wanted.get("backbone"):
-        raise CheckpointError(path, "was written for another backbone configuration than the one asked "
-                                    "for; pass resume=False (it will be overwritten) or another workdir")
-    if sorted(stored.get("objectives", {})) != sorted(wanted.get("objectives", {})):
-        raise CheckpointError(path, f"trains objectives {sorted(stored.get('objectives', {}))}, not "
-                                    f"{sorted(wanted.get('objectives', {}))}; pass resume=False or another workdir")
+    """Resuming needs the model the checkpoint was written for: the module says what differs
+    (:meth:`~pcfm.engine.module.PcfmModule.resume_problem`), and the error says it plainly."""
+    problem = module.resume_problem(checkpoint["hyper_parameters"]) if hasattr(module, "resume_problem") else None
+    if problem is not None:
+        raise CheckpointError(path, f"{problem}; pass resume=False (it will be overwritten) or another workdir")
 
 
 def read_history(workdir: str | os.PathLike, versions: Optional[Sequence[int]] = None) -> list[dict[str, float]]:

@@ -26,11 +26,12 @@ __all__ = [
     "Geometry", "CylindricalGeometry", "VoxelGridGeometry", "CaloLayer", "SamplingStructure",
     "Material", "MATERIALS", "get_material", "Binning", "LayerBinning", "read_binning_xml",
     "geometry_binning", "geometry_from_binning_xml", "get", "available", "register", "from_dict",
-    "load_yaml", "save_yaml", "MaterialFrame", "isotropic_frame", "UNKNOWN_FRAME",
+    "load_yaml", "save_yaml", "KINDS", "MaterialFrame", "isotropic_frame", "UNKNOWN_FRAME",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
-_KINDS = {"calorimeter": CylindricalGeometry, "cylindrical": CylindricalGeometry, "voxel_grid": VoxelGridGeometry}
+#: Geometry kind (the YAML "kind") -> its class: a new kind is a Geometry subclass and one line here.
+KINDS = {"calorimeter": CylindricalGeometry, "cylindrical": CylindricalGeometry, "voxel_grid": VoxelGridGeometry}
 _registered: dict[str, Geometry] = {}
 _cache: dict[tuple, Geometry] = {}
 
@@ -40,9 +41,9 @@ def from_dict(spec: dict) -> Geometry:
     if not isinstance(spec, dict):
         raise GeometryError(f"a geometry definition must be a mapping, got {type(spec).__name__}")
     kind = spec.get("kind", "calorimeter")
-    if kind not in _KINDS:
-        raise GeometryError(f"geometry {spec.get('name')!r}: unknown kind {kind!r}; known: {sorted(_KINDS)}")
-    return _KINDS[kind].from_dict(spec)
+    if kind not in KINDS:
+        raise GeometryError(f"geometry {spec.get('name')!r}: unknown kind {kind!r}; known: {sorted(KINDS)}")
+    return KINDS[kind].from_dict(spec)
 
 
 def load_yaml(path: Union[str, os.PathLike]) -> Geometry:

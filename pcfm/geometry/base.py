@@ -20,6 +20,8 @@ class Geometry(ABC):
 
     #: "calorimeter" or "voxel_grid"
     kind: str = ""
+    #: Cells below this energy (MeV, in the units of the files) read zero; none by default.
+    readout_threshold_mev: float = 0.0
 
     def __init__(self, name: str, description: str = ""):
         self.name = name
@@ -48,6 +50,29 @@ class Geometry(ABC):
         (:mod:`pcfm.geometry.frame`); the backbone reads every position through it. A new kind of
         geometry must provide one."""
         raise NotImplementedError(f"geometry kind {type(self).__name__} defines no material frame")
+
+    # ------------------------------------------------------------------ behaviour the data path asks for
+    def move_by_symmetry(self, pos, phi, events, point_event, generator=None) -> bool:
+        """Move the points of ``events`` (tensor of event indices), in place, by one random
+        symmetry of the detector per event that keeps every cell on the cell lattice
+        (:func:`pcfm.data.augment.augment_by_symmetry`).
+
+        ``pos`` (n, 3) mm holds the points of those events, ``point_event`` (n,) the position
+        of each point's event in ``events``, ``phi`` (all events' incident azimuths, or None) is
+        updated in place where the symmetry turns the incident direction. Returns False when
+        the geometry knows no symmetry (the events are left as they are); default.
+        """
+        return False
+
+    def spread_within_cells(self, pos, jitter):
+        """Points ``pos`` (n, 3) mm moved by ``jitter`` (n, 3), uniform in +-half the cell size
+        along the geometry's three cell axes, so that they stay in their cells (diffusion's
+        dequantisation). Default: box-shaped cells along x, y, z."""
+        return pos + jitter
+
+    def extent_text(self) -> str:
+        """The detector's size in a few words (``pcfm geometries``)."""
+        return ""
 
     @abstractmethod
     def to_dict(self) -> dict:

@@ -11,8 +11,9 @@ annuli stay distinct points.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, reduce
 from typing import Optional, Sequence
 
 import numpy as np
@@ -336,6 +337,45 @@ class CylindricalGeometry(Geometry):
                              transverse_mm=tuple(transverse))
 
     # -- serialisation -----------------------------------------------------------------------
+    # ------------------------------------------------------------------ behaviour (see Geometry)
+    def rotation_step(self) -> Optional[float]:
+        """The smallest rotation (radians) about the mesh axis that maps every layer's angular bins
+        onto themselves, or None when only the identity does (a layer of one angular bin)."""
+        common = reduce(math.gcd, (layer.n_alpha for layer in self.layers))
+        return None if common < 2 else 2 * math.pi / common
+
+    def move_by_symmetry(self, pos, phi, events, point_event, generator=None) -> bool:
+        """Rotations about the mesh axis by whole angular bins (:meth:`rotation_step`) and the
+        reflection y -> -y; ``phi`` turns with the event (a known ``theta`` is unchanged)."""
+        import torch
+
+        n = events.numel()
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        step = self.rotation_step()
+        angle = torch.zeros(n) if step is None else torch.randint(
+            0, round(2 * math.pi / step), (n,), generator=generator).double() * step
+        flip, angle = flip.to(pos.device), angle.to(pos.device)
+        x, y = pos[:, 0].double(), pos[:, 1].double() * flip[point_event]
+        cos, sin = angle.cos()[point_event], angle.sin()[point_event]
+        pos[:, 0], pos[:, 1] = (x * cos - y * sin).to(pos.dtype), (x * sin + y * cos).to(pos.dtype)
+        if phi is not None:
+            known = torch.isfinite(phi[events])
+            turned = torch.remainder(phi[events].double() * flip + angle + math.pi, 2 * math.pi) - math.pi
+            phi[events] = torch.where(known, turned.to(phi.dtype), phi[events])
+        return True
+
+    def spread_within_cells(self, pos, jitter):
+        """Radius by the radial jitter, azimuth by the arc jitter / radius, depth by the depth jitter."""
+        import torch
+
+        radius = torch.hypot(pos[:, 0], pos[:, 1])
+        angle = torch.atan2(pos[:, 1], pos[:, 0]) + jitter[:, 1] / radius.clamp(min=1e-6) * (radius > 0)
+        radius = radius + jitter[:, 0]
+        return torch.stack([radius * angle.cos(), radius * angle.sin(), pos[:, 2] + jitter[:, 2]], 1)
+
+    def extent_text(self) -> str:
+        return f"{self.depth_mm:7.1f} mm {self.layer_x0()[-1]:5.1f} X0"
+
     def to_dict(self) -> dict:
         layers, z = [], 0.0
         for layer in self.layers:

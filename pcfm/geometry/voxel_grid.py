@@ -76,6 +76,31 @@ class VoxelGridGeometry(Geometry):
         """Position in the volume about its centre, every axis in radiation lengths of the medium."""
         return isotropic_frame(self.origin_mm + self.extent_mm / 2, self.material.x0_mm)
 
+    # ------------------------------------------------------------------ behaviour (see Geometry)
+    def move_by_symmetry(self, pos, phi, events, point_event, generator=None) -> bool:
+        """Reflections of each axis about the volume's centre and swaps of axes of equal length
+        (the 48 symmetries of a cube for a cubic volume); ``phi`` is left alone."""
+        import torch
+
+        n = events.numel()
+        centre = torch.as_tensor(self.origin_mm + self.extent_mm / 2, dtype=torch.float64, device=pos.device)
+        relative = pos.double() - centre
+        shape = torch.tensor(self.shape)
+        # a random permutation among axes of equal length: sort random keys within each length class
+        keys = torch.rand(n, 3, generator=generator) + shape.double()[None, :] * 10
+        permutation = torch.argsort(keys, dim=1).to(pos.device)  # equal lengths stay in their own class
+        signs = torch.where(torch.rand(n, 3, generator=generator) < 0.5, -1.0, 1.0).to(pos.device)
+        order = torch.argsort(shape.double()[None, :].expand(n, 3), dim=1, stable=True).to(pos.device)
+        target = torch.empty_like(permutation)
+        target.scatter_(1, order, permutation)  # axis j goes to axis target[j], within its length class
+        moved = torch.empty_like(relative)
+        moved.scatter_(1, target[point_event], relative * signs[point_event])
+        pos.copy_((moved + centre).to(pos.dtype))
+        return True
+
+    def extent_text(self) -> str:
+        return " x ".join(f"{e:.0f}" for e in self.extent_mm) + " mm"
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "kind": self.kind, "description": self.description,

@@ -25,22 +25,65 @@ Both return ``(N, H, D)`` in the input dtype and are differentiable. Backends:
   edge attention. :func:`resolve_backend` tells which one a call would run.
 
 Asking for a backend that cannot run raises ``ImportError`` (package missing) or
-``ValueError`` (these inputs or this device), with the reason.
+``ValueError`` (these inputs or this device), with the reason. The backends are a registry
+(:data:`ATTENTION_BACKENDS`, and :data:`AUTO_ORDER` for ``"auto"``): a new one is its module
+plus one line there.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-BACKENDS = ("auto", "reference", "triton", "torch_varlen", "sdpa")
 OPS = ("varlen", "edge")
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """An implementation of the attention ops.
+
+    Attributes:
+        ops: op ("varlen", "edge") -> ``"module:function"`` (imported when called), called as
+            ``f(q, k, v, ptr, pos=, distance_slope=, scale=)`` (varlen) or
+            ``f(q, k, v, edge_index, edge_bias=, scale=)`` (edge).
+        problem: ``"module:function"`` ``(op, device, dtype, head_dim, has_bias)`` -> why it
+            cannot run these inputs, or None; it raises ImportError when a package is missing.
+            None: it runs anything.
+    """
+
+    ops: dict
+    problem: Optional[str] = None
+
+
+def _load(target: str) -> Callable:
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+#: Backend name -> implementation. A new backend: its module, and one line here (and in
+#: :data:`AUTO_ORDER` if ``"auto"`` should pick it).
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "reference": AttentionBackend({"varlen": "pcfm.ops.attention:varlen_attention_reference",
+                                   "edge": "pcfm.ops.attention:edge_attention_reference"}),
+    "triton": AttentionBackend({"varlen": "pcfm.ops.attention:_varlen_triton",
+                                "edge": "pcfm.ops.attention:_edge_triton"}, problem="pcfm.ops.attention:_triton_problem"),
+    "torch_varlen": AttentionBackend({"varlen": "pcfm.ops.attention:_torch_varlen_attention"},
+                                     problem="pcfm.ops.attention:_torch_varlen_problem"),
+    "sdpa": AttentionBackend({"varlen": "pcfm.ops.attention:varlen_attention_sdpa"}),
+}
+#: What ``backend="auto"`` tries, first that runs, by device type ("other": any but CUDA).
+AUTO_ORDER = {"cuda": ("torch_varlen", "triton", "reference"), "other": ("sdpa", "reference")}
+#: The names ``backend`` takes (the registry as it was at import; :func:`resolve_backend` reads
+#: :data:`ATTENTION_BACKENDS` itself).
+BACKENDS = ("auto", *ATTENTION_BACKENDS)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,15 +142,8 @@ def varlen_attention(
     scale = _default_scale(scale, head_dim)
     chosen = resolve_backend("varlen", device=q.device, dtype=q.dtype, head_dim=head_dim,
                              has_bias=pos is not None, backend=backend)
-    if chosen == "triton":
-        from pcfm.kernels.varlen_attention import varlen_attention_triton
-
-        return varlen_attention_triton(q, k, v, ptr, pos=pos, slope=distance_slope, scale=scale)
-    if chosen == "torch_varlen":
-        return _torch_varlen_attention(q, k, v, ptr, scale)
-    if chosen == "sdpa":
-        return varlen_attention_sdpa(q, k, v, ptr, pos=pos, distance_slope=distance_slope, scale=scale)
-    return varlen_attention_reference(q, k, v, ptr, pos=pos, distance_slope=distance_slope, scale=scale)
+    run = _load(ATTENTION_BACKENDS[chosen].ops["varlen"])
+    return run(q, k, v, ptr, pos=pos, distance_slope=distance_slope, scale=scale)
 
 
 def edge_attention(
@@ -152,11 +188,7 @@ def edge_attention(
     scale = _default_scale(scale, head_dim)
     chosen = resolve_backend("edge", device=q.device, dtype=q.dtype, head_dim=head_dim,
                              has_bias=edge_bias is not None, backend=backend)
-    if chosen == "triton":
-        from pcfm.kernels.edge_attention import edge_attention_triton
-
-        return edge_attention_triton(q, k, v, edge_index, edge_bias=edge_bias, scale=scale)
-    return edge_attention_reference(q, k, v, edge_index, edge_bias=edge_bias, scale=scale)
+    return _load(ATTENTION_BACKENDS[chosen].ops["edge"])(q, k, v, edge_index, edge_bias=edge_bias, scale=scale)
 
 
 def resolve_backend(
@@ -175,36 +207,30 @@ def resolve_backend(
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto" and backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *ATTENTION_BACKENDS)}, got {backend!r}")
     device = torch.device(device)
-    if backend == "reference":
-        return "reference"
-    if backend == "triton":
-        missing = _triton_import_problem()
-        if missing is not None:
-            raise ImportError(f"backend='triton' was asked for but triton cannot be imported ({missing}); "
-                              "install triton or use backend='reference'")
-        problem = _triton_input_problem(device, dtype)
+    if backend != "auto":
+        problem = _backend_problem(backend, op, device, dtype, head_dim, has_bias)  # may raise ImportError
         if problem is not None:
-            raise ValueError(f"backend='triton' cannot run here: {problem}")
-        return "triton"
-    if backend == "torch_varlen":
-        problem = _torch_varlen_problem(op, device, dtype, head_dim, has_bias)
-        if problem is not None:
-            raise ValueError(f"backend='torch_varlen' cannot run here: {problem}")
-        return "torch_varlen"
-    if backend == "sdpa":
-        if op != "varlen":
-            raise ValueError("backend='sdpa' cannot run here: it only implements varlen_attention")
-        return "sdpa"
-    if device.type != "cuda":
-        return "sdpa" if op == "varlen" else "reference"
-    if _torch_varlen_problem(op, device, dtype, head_dim, has_bias) is None:
-        return "torch_varlen"
-    if _triton_import_problem() is None and _triton_input_problem(device, dtype) is None:
-        return "triton"
+            raise ValueError(f"backend={backend!r} cannot run here: {problem}")
+        return backend
+    for name in AUTO_ORDER["cuda" if device.type == "cuda" else "other"]:
+        try:
+            if _backend_problem(name, op, device, dtype, head_dim, has_bias) is None:
+                return name
+        except ImportError:
+            continue
     return "reference"
+
+
+def _backend_problem(name: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                     has_bias: bool) -> Optional[str]:
+    """Why backend ``name`` cannot run ``op`` on these inputs, or None."""
+    spec = ATTENTION_BACKENDS[name]
+    if op not in spec.ops:
+        return f"it only implements {', '.join(f'{implemented}_attention' for implemented in spec.ops)}"
+    return None if spec.problem is None else _load(spec.problem)(op, device, dtype, head_dim, has_bias)
 
 
 # ----------------------------------------------------------------------------- references
@@ -367,8 +393,10 @@ def _dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, slope: Optio
 # ----------------------------------------------------------------------------- torch varlen
 
 
-def _torch_varlen_attention(q: Tensor, k: Tensor, v: Tensor, ptr: Tensor, scale: float) -> Tensor:
-    """Bias-free varlen attention through ``torch.nn.attention.varlen.varlen_attn``."""
+def _torch_varlen_attention(q: Tensor, k: Tensor, v: Tensor, ptr: Tensor, *, pos: Optional[Tensor] = None,
+                            distance_slope: Optional[Tensor] = None, scale: float) -> Tensor:
+    """Bias-free varlen attention through ``torch.nn.attention.varlen.varlen_attn`` (``pos`` and
+    ``distance_slope`` must be None: :func:`_torch_varlen_problem` refuses a bias)."""
     varlen_attn = _torch_varlen_function()
     cu_seq = ptr.to(torch.int32)
     lengths = ptr[1:] - ptr[:-1]
@@ -395,8 +423,6 @@ def _torch_varlen_function() -> Optional[Callable]:
 def _torch_varlen_problem(op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                           has_bias: bool) -> Optional[str]:
     """Why ``torch_varlen`` cannot run these inputs, or ``None`` when it can."""
-    if op != "varlen":
-        return "it only implements varlen_attention"
     if has_bias:
         return "it has no distance bias (pos/distance_slope); use backend='triton' or 'reference'"
     if _torch_varlen_function() is None:
@@ -438,6 +464,30 @@ def _triton_input_problem(device: torch.device, dtype: torch.dtype) -> Optional[
         return None
     return (f"it needs CUDA tensors, got device {device} (for CPU tensors set TRITON_INTERPRET=1 "
             "before pcfm.kernels is first imported to use Triton's interpreter)")
+
+
+def _triton_problem(op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    has_bias: bool) -> Optional[str]:
+    """Why the triton kernels cannot run these inputs, or None; ImportError without triton."""
+    missing = _triton_import_problem()
+    if missing is not None:
+        raise ImportError(f"backend='triton' was asked for but triton cannot be imported ({missing}); "
+                          "install triton or use backend='reference'")
+    return _triton_input_problem(device, dtype)
+
+
+def _varlen_triton(q: Tensor, k: Tensor, v: Tensor, ptr: Tensor, *, pos: Optional[Tensor],
+                   distance_slope: Optional[Tensor], scale: float) -> Tensor:
+    from pcfm.kernels.varlen_attention import varlen_attention_triton
+
+    return varlen_attention_triton(q, k, v, ptr, pos=pos, slope=distance_slope, scale=scale)
+
+
+def _edge_triton(q: Tensor, k: Tensor, v: Tensor, edge_index: Tensor, *, edge_bias: Optional[Tensor],
+                 scale: float) -> Tensor:
+    from pcfm.kernels.edge_attention import edge_attention_triton
+
+    return edge_attention_triton(q, k, v, edge_index, edge_bias=edge_bias, scale=scale)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -21,63 +21,24 @@ inputs), instead of letting NaNs spread through the weights.
 """
 from __future__ import annotations
 
-import math
 import os
-import pickle
-import zipfile
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
+from pcfm.engine.checkpoints import CHECKPOINT_MARKER, CheckpointError, read_checkpoint
+from pcfm.engine.module import PcfmModule, TrainingDivergedError, check_finite, describe_batch, warmup_cosine
 from pcfm.errors import PcfmError
 from pcfm.nn import Backbone, BackboneConfig
 from pcfm.tasks.objective import get_objective_class
 
-#: Key of the marker pcfm writes into its checkpoints.
-CHECKPOINT_MARKER = "pcfm"
+# The shared training plumbing lives in pcfm.engine; these names stay importable from here.
+__all__ = ["PretrainModule", "CHECKPOINT_MARKER", "CheckpointError", "read_checkpoint", "TrainingDivergedError",
+           "check_finite", "describe_batch", "warmup_cosine"]
+
 #: Seeds of consecutive steps and ranks are this far apart (a prime, so they do not collide).
 _STEP_SEED_STRIDE = 1_000_003
-
-
-class CheckpointError(PcfmError):
-    """A checkpoint file that cannot be read, or is not a pcfm pretraining checkpoint."""
-
-    def __init__(self, path, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
-
-
-class TrainingDivergedError(PcfmError, FloatingPointError):
-    """A loss term became NaN or infinite; the message names the step, the term and the batch."""
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """The content of a pcfm checkpoint file, checked.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: the file is truncated, corrupt, not a torch checkpoint, or not one
-            written by pcfm pretraining (no pcfm marker, hyperparameters or weights).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        # Not weights_only: Lightning stores its loop and callback states as Python objects.
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
-            AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
-        raise CheckpointError(path, f"not a readable checkpoint (corrupt or truncated file?): "
-                                    f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(path, f"not a pcfm checkpoint: holds a {type(checkpoint).__name__}, not a dict")
-    missing = [key for key in (CHECKPOINT_MARKER, "hyper_parameters", "state_dict") if key not in checkpoint]
-    if missing:
-        raise CheckpointError(path, f"not a pcfm pretraining checkpoint: no {', '.join(missing)} entry")
-    return checkpoint
 
 
 def _objective_weights(names, weights: Optional[Mapping[str, float]]) -> dict[str, float]:
@@ -88,15 +49,7 @@ def _objective_weights(names, weights: Optional[Mapping[str, float]]) -> dict[st
     return {name: float(weights.get(name, 1.0)) for name in names}
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate factor at optimiser step ``step``: linear warm-up then cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class PretrainModule(L.LightningModule):
+class PretrainModule(PcfmModule):
     """Backbone + weighted pretraining objectives (see the module docstring).
 
     Args:
@@ -112,6 +65,9 @@ class PretrainModule(L.LightningModule):
         min_lr_ratio: final learning rate as a share of ``lr``.
         seed: base of the per-step seeds.
     """
+
+    checkpoint_kind = "pretrain"
+    embeddings_last = True  # the optimiser state of 0.1 checkpoints follows this order
 
     def __init__(self, backbone: BackboneConfig | Mapping[str, Any] | None = None,
                  objectives: Mapping[str, Mapping[str, Any]] | list[str] | str = "mpm",
@@ -193,28 +149,14 @@ class PretrainModule(L.LightningModule):
             terms = self.losses(batch)
         self._log_terms("val", self._total(terms), terms, batch)
 
-    # ------------------------------------------------------------------ optimiser
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        for parameter in self.parameters():
-            if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        embeddings = {id(p) for module in self.modules() if isinstance(module, nn.Embedding)
-                      for p in module.parameters()}
-        decay_group = [p for p in decay if id(p) not in embeddings]
-        no_decay += [p for p in decay if id(p) in embeddings]
-        hp = self.hparams
-        optimizer = torch.optim.AdamW([{"params": decay_group, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from pcfm import __version__
-
-        checkpoint[CHECKPOINT_MARKER] = {"version": __version__, "kind": "pretrain"}
+    def resume_problem(self, stored: dict[str, Any]) -> Optional[str]:
+        """Another backbone, or other objectives, than the checkpoint's."""
+        problem = super().resume_problem(stored)
+        if problem is None and sorted(stored.get("objectives", {})) != sorted(self.hparams.get("objectives", {})):
+            problem = (f"trains objectives {sorted(stored.get('objectives', {}))}, not "
+                       f"{sorted(self.hparams.get('objectives', {}))}")
+        return problem
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = "cpu",
@@ -232,30 +174,3 @@ class PretrainModule(L.LightningModule):
         return module
 
 
-def check_finite(terms: dict[str, dict[str, Tensor]], batch, step: int) -> None:
-    """Raise :class:`TrainingDivergedError` when any loss term is NaN or infinite.
-
-    One host synchronisation per step: all terms are checked at once.
-    """
-    flat = [(name, key, value) for name, values in terms.items() for key, value in values.items()]
-    finite = torch.stack([torch.isfinite(value.detach()).all() for _, _, value in flat])
-    if bool(finite.all()):
-        return
-    name, key, value = next((n, k, v) for (n, k, v), ok in zip(flat, finite.tolist()) if not ok)
-    raise TrainingDivergedError(f"training diverged at step {step}: objective {name!r} term {key!r} is "
-                                f"{value.detach().float().sum().item()} on {describe_batch(batch)}")
-
-
-def describe_batch(batch) -> str:
-    """Events, points, dataset indices and events with non-finite inputs of a batch, in words."""
-    num_events = int(batch.num_graphs)
-    words = f"a batch of {num_events} events and {batch.num_nodes} points"
-    ids = getattr(batch, "event_id", None)
-    if ids is not None:
-        words += f" (dataset events {ids.tolist()})"
-    bad_point = ~torch.isfinite(batch.pos).all(1) | ~torch.isfinite(batch.x).all(1)
-    if bad_point.any():
-        bad_events = torch.unique(batch.batch[bad_point]).tolist()
-        named = [ids[e].item() for e in bad_events] if ids is not None else bad_events
-        words += f"; dataset events {named} have non-finite point positions or features"
-    return words
