@@ -10,7 +10,7 @@ threshold zeroed first, negative cells too):
 * optionally the classifier two-sample test (:mod:`pcfm.evaluation.classifier`), as a held-out
   ROC AUC on low-level inputs (cells / incident energy and log10 incident energy) and on the
   standardised high-level features;
-* optionally a JSON + markdown report and PNG plots (:mod:`pcfm.evaluation.report`).
+* optionally a JSON + markdown report and PNG plots (:mod:`pcfm.evaluation.report`, :mod:`pcfm.evaluation.plots`).
 
 The Frechet distance is biased upwards by about (number of features)^2 / (number of showers):
 compare numbers only between evaluations with the same sample sizes.
@@ -30,7 +30,8 @@ from pcfm.errors import DataError, GeometryError
 from pcfm.evaluation.classifier import classifier_auc
 from pcfm.evaluation.distances import frechet_distance, kernel_distance, separation_powers, standardise
 from pcfm.evaluation.features import feature_matrix, high_level_features, low_level_inputs
-from pcfm.evaluation.report import make_plots, write_report
+from pcfm.evaluation.plots import make_plots
+from pcfm.evaluation.report import write_report
 from pcfm.geometry import get as get_geometry
 from pcfm.geometry.cylindrical import CylindricalGeometry
 

@@ -19,6 +19,9 @@ resumed by mistake. With validation events, ``workdir/checkpoints/best.ckpt`` ke
 of the lowest validation loss, and the held-out metrics are those of whichever of the final and
 the best weights validates lower; ``patience`` stops training when the validation loss stops
 improving.
+
+Why one module of this length: the verb (settings, resume, early stopping, testing the best
+weights) and its data module; what differs between tasks is in :mod:`pcfm.finetuning`.
 """
 from __future__ import annotations
 

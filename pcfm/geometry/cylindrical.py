@@ -8,6 +8,9 @@ and r in [r_edges[k], r_edges[k + 1]). Flat cell order is (layer, alpha, r), r f
 CaloChallenge files. A cell's point is the middle of its r, alpha and z ranges; a cell that
 spans the whole circle (n_alpha = 1) therefore sits at alpha = 0, not at the axis, so that its
 annuli stay distinct points.
+
+Why one module of this length: the mesh (cells <-> mm), its materials (X0, Moliere radius,
+sampling fraction), its frame and its symmetries all belong to the one geometry class.
 """
 from __future__ import annotations
 

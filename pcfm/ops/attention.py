@@ -28,6 +28,9 @@ Asking for a backend that cannot run raises ``ImportError`` (package missing) or
 ``ValueError`` (these inputs or this device), with the reason. The backends are a registry
 (:data:`ATTENTION_BACKENDS`, and :data:`AUTO_ORDER` for ``"auto"``): a new one is its module
 plus one line there.
+
+Why one module of this length: the two ops, their pure-torch references, the sdpa path and the
+checks that choose a backend are tested together here; the fused kernels live in :mod:`pcfm.kernels`.
 """
 from __future__ import annotations
 

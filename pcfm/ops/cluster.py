@@ -15,6 +15,9 @@ Two backends compute the same thing:
 
 ``backend="auto"`` (the default) uses torch-cluster when it is importable (and, for CUDA
 tensors, built with CUDA), the torch fallback otherwise.
+
+Why one module of this length: kNN and FPS share the backend choice and the batch checks; each
+op is its public function, its pure-torch version and its torch-cluster call.
 """
 from __future__ import annotations
 

@@ -47,6 +47,9 @@ within a radial bin, the azimuthal share of an oblique shower is evaluated at
 ``angular_nodes_per_ring`` radii; cells whose Gamma shape is below 0.1 (a mean under a
 tenth of the fluctuation scale) draw a single-hit (compound Poisson) law and the others a
 Wilson-Hilferty normal, both with the Gamma law's mean and variance.
+
+Why one module of this length: one simulator, read top to bottom in the order a shower is
+built; the EM and hadronic profiles have their own modules.
 """
 from __future__ import annotations
 

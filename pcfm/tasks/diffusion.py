@@ -53,6 +53,9 @@ therefore rescales each generated shower to a visible energy drawn from this mod
 number of points (:meth:`PointDiffusion.sample_visible_energy`); the diffusion still decides how
 the energy is shared among points, layers and radii. CaloClouds (Buhmann et al. 2023) does the
 same with a separate flow for the energy sum.
+
+Why one module of this length: the objective (state, denoiser, loss, sampling, fits); the EDM
+formulas are in :mod:`pcfm.tasks.edm`, the per-event models in :mod:`pcfm.tasks.event_model`.
 """
 from __future__ import annotations
 

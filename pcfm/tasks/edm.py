@@ -1,7 +1,7 @@
 """EDM (Karras et al. 2022): preconditioning, loss weight, noise schedule and samplers.
 
 Plain functions of a denoiser ``D(x, sigma)``: nothing here knows about point clouds, so the
-formulas can be checked against the paper on their own (tests/test_diffusion.py).
+formulas can be checked against the paper on their own (tests/tasks/test_diffusion.py).
 :class:`~pcfm.tasks.diffusion.PointDiffusion` trains and samples with them.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Run once with the code of commit 1fd51bc: ``python tests/data/checkpoints_0_1/make.py``. Each
 ``<task>.ckpt`` is a 4-step fine-tune of a one-block, 32-wide backbone (kept small for the
 repository, optimiser state stripped); ``expected.json`` holds the outputs of the reloaded module
-on the events of :func:`events`, which the current code must reproduce (tests/test_finetune.py).
+on the events of :func:`events`, which the current code must reproduce (tests/finetuning/test_finetune.py).
 """
 import json
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Point-cloud conversion of every detector, batching, cells <-> points round trips, and the
 torch datasets (in memory, lazy CaloChallenge files with DataLoader workers, PILArNet-M)."""
 import math
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -20,7 +19,7 @@ from pcfm.errors import DataError
 
 CALO_PRESETS = ["calochallenge-ds1-photons", "calochallenge-ds1-pions", "calochallenge-ds2",
                 "calochallenge-ds3", "par04-scipb"]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import SHARED_DATA  # noqa: E402  ../shared/data beside the project root
 
 
 def sparse_showers(name, n=3, seed=0, fill=0.3, **extras) -> CaloShowers:

@@ -46,7 +46,7 @@ class PointCount(DownstreamTask):
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(TASKS, "point_count", "tests.test_finetuning_registry:PointCount")
+    monkeypatch.setitem(TASKS, "point_count", "tests.finetuning.test_finetuning_registry:PointCount")
 
 
 def test_a_registered_task_fine_tunes_tests_and_reloads(registered, tmp_path):

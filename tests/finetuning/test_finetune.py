@@ -10,6 +10,7 @@ from torch_geometric.data import Batch, Data
 
 import pcfm.data
 import pcfm.sim
+from tests.conftest import PROJECT_ROOT
 from pcfm.api import backbone_config, pretrain
 from pcfm.engine.data import simulate_pretraining_events
 from pcfm.api import FinetuneDataModule, balanced_subset, finetune, pretrained_backbone
@@ -283,9 +284,8 @@ def test_checkpoints_of_pcfm_0_1_load_and_predict_as_they_did(task):
     made by its make.py at commit 1fd51bc) load, keep their options, and give the stored outputs."""
     import importlib.util
     import json
-    from pathlib import Path
 
-    folder = Path(__file__).parent / "data" / "checkpoints_0_1"
+    folder = PROJECT_ROOT / "tests" / "data" / "checkpoints_0_1"
     spec = importlib.util.spec_from_file_location("make_checkpoints_0_1", folder / "make.py")
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)

@@ -42,7 +42,7 @@ def test_a_registered_format_is_detected_and_opened(tmp_path, monkeypatch):
             file.create_dataset(f"toy_points/{i}", data=rng.random((5 + i, 4)) + 0.1)
     with pytest.raises(Exception, match="unknown file format"):
         detect_format(path)
-    monkeypatch.setitem(FORMATS, "toy", FileFormat(("toy_points",), "tests.test_formats_registry:open_toy"))
+    monkeypatch.setitem(FORMATS, "toy", FileFormat(("toy_points",), "tests.data.test_formats_registry:open_toy"))
     assert detect_format(path) == "toy"
     dataset = open_dataset(str(path))
     assert isinstance(dataset, ToyPoints) and [dataset[i].num_nodes for i in range(3)] == [5, 6, 7]

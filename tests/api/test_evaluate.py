@@ -11,6 +11,7 @@ from pcfm.data.calochallenge import write_calochallenge
 from pcfm.data.events import CaloShowers
 from pcfm.errors import DataError, GeometryError
 from pcfm.api import evaluate
+from pcfm.evaluation import plots as plots_module
 from pcfm.evaluation import report as report_module
 from pcfm.evaluation.classifier import classifier_auc, roc_auc
 from pcfm.evaluation.distances import (frechet_distance, frechet_distance_from_moments, histogram_edges,
@@ -266,8 +267,8 @@ def test_a_failing_figure_keeps_the_others(tmp_path, photons, monkeypatch):
         raise ValueError("test failure")
 
     # the two grids fail (also the slowest figures): the three profiles are still written and linked
-    monkeypatch.setattr(report_module, "_layer_grid_figure", broken)
-    monkeypatch.setattr(report_module, "_separating_figure", broken)
+    monkeypatch.setattr(plots_module, "_layer_grid_figure", broken)
+    monkeypatch.setattr(plots_module, "_separating_figure", broken)
     generated, reference = (p.subset(slice(0, 100)) for p in photons)
     results = evaluate(generated, reference, classifier=False, report_path=tmp_path / "report.json",
                        plots_dir=tmp_path)

@@ -4,14 +4,14 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pcfm
+from tests.conftest import PROJECT_ROOT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = PROJECT_ROOT / "README.md"
 
 #: README text -> what the test runs instead: the README's sizes, cut to seconds. A README edit
 #: that drops one of these fails the test, so that the two are updated together.

@@ -9,7 +9,6 @@ import math
 import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,10 @@ pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
 from tests.benchmark_loader import load_benchmark  # noqa: E402
+from tests.conftest import PROJECT_ROOT, SHARED_DATA  # noqa: E402
 
 ref = load_benchmark("references")
-GEANT4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "geant4"
+GEANT4 = SHARED_DATA / "geant4"
 
 
 @pytest.fixture(scope="module")
@@ -289,9 +289,9 @@ def test_pcfm_core_does_not_import_sklearn():
 
     code = ("import sys, pcfm, pcfm.data, pcfm.sim, pcfm.geometry, pcfm.evaluation; "
             "assert 'sklearn' not in sys.modules, 'pcfm imports sklearn'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT)
     statement = re.compile(r"^\s*(import|from)\s+sklearn\b", re.MULTILINE)
-    for path in (Path(__file__).resolve().parents[1] / "pcfm").rglob("*.py"):
+    for path in (PROJECT_ROOT / "pcfm").rglob("*.py"):
         assert not statement.search(path.read_text()), f"{path} imports sklearn"
 
 
