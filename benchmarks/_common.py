@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

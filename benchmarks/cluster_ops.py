@@ -14,7 +14,7 @@ import time
 import torch
 
 from _common import announce, markdown_table, write_results
-from pcfm.ops.cluster import _load_torch_cluster, fps, knn_graph
+from pcfm.ops.cluster import fps, knn_graph, torch_cluster_available
 
 BATCHES = {"showers": (256, 100, 1500), "lartpc": (32, 2000, 12000)}
 
@@ -51,7 +51,7 @@ def main() -> None:
     command, machine = announce()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = ["torch"]
-    if device.type == "cpu" and _load_torch_cluster()[0] is not None:
+    if device.type == "cpu" and torch_cluster_available():
         backends.append("torch_cluster")
     rows = []
     for name in BATCHES:

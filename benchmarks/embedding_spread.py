@@ -23,7 +23,7 @@ from torch_geometric.data import Batch
 
 from _common import announce, log, markdown_table, write_results
 from pcfm.api import LabelledView, backbone_config
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.finetuning import FinetuneModule
 
 

@@ -70,7 +70,7 @@ from _common import (RESULTS_DIR, add_config_options, announce, apply_config_opt
                      log, markdown_table, parse_json_or_text, save_png, write_results)
 from pcfm.api import pretrain
 from pcfm.data import ShowerDataset
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.data.pointcloud import deposit_points
 from pcfm.engine.training import checkpoint_path
 from pcfm.api import evaluate

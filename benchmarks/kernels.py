@@ -74,7 +74,7 @@ from torch import Tensor
 
 from _common import RESULTS_DIR, announce, markdown_table, write_results
 from cluster_ops import BATCHES
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.ops import edge_attention, knn_graph, varlen_attention
 from pcfm.ops.attention import edge_attention_reference, varlen_attention_reference
 

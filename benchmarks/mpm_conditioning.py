@@ -26,7 +26,7 @@ from torch_geometric.data import Batch
 
 from _common import RESULTS_DIR, announce, log, markdown_table, write_results
 from pcfm.data import PointBudgetBatchSampler
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.engine.data import pretraining_item, simulate_pretraining_events
 from pcfm.nn.encoding import CONDITION_FIELDS, hide_condition
 from pcfm.tasks.pretrain import PretrainModule

@@ -60,7 +60,7 @@ from torch_geometric.data import Batch
 from torch_geometric.utils import to_dense_batch
 
 from _common import RESULTS_DIR, announce, markdown_table, write_results
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.engine.data import pretraining_item, simulate_pretraining_events
 from pcfm.nn import BACKBONE_PRESETS, Backbone, GlobalAttention
 from pcfm.tasks.mpm import MaskedPointModelling, draw_mask

@@ -67,7 +67,7 @@ import torch
 import references
 from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, log,
                      markdown_table, parse_json_or_text, save_png, write_results)
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 
 LARTPC_GEOMETRY = "lartpc-768"
 TARGET_GEOMETRY = "par04-scipb"

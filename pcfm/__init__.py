@@ -2,6 +2,7 @@
 
 Package layout (each sub-package is one layer of the architecture):
 
+- :mod:`pcfm.io`: atomic file writing;
 - :mod:`pcfm.geometry`: detector geometries, cell index <-> position in mm;
 - :mod:`pcfm.data`: file formats, point clouds (PyG ``Data``), lazy datasets, batch sampling;
 - :mod:`pcfm.sim`: fast physics simulators, the embedded default data;

@@ -42,7 +42,7 @@ from torch_geometric.loader import DataLoader
 
 from pcfm.api.pretraining import backbone_config
 from pcfm.data import PointBudgetBatchSampler
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.engine.data import (PretrainDataModule, PretrainingView, event_sizes,
                               pretraining_item, split_indices)
 from pcfm.engine.training import (CHECKPOINT_DIR, PatientEarlyStopping, checkpoint_path, fit, make_trainer,

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from pcfm import geometry as geometries
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.data.events import CaloShowers
 from pcfm.data.hdf5 import LazyH5, open_hdf5, read_errors, require_keys
 from pcfm.errors import DataError, GeometryError

@@ -22,7 +22,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.data.events import SEMANTIC_CLASSES, LArEvent
 from pcfm.data.hdf5 import LazyEventDataset, LazyH5, open_hdf5, read_errors, require_keys
 from pcfm.errors import DataError

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.engine.progress import progress_callback
 from pcfm.engine.checkpoints import CheckpointError, read_checkpoint
 
@@ -42,7 +42,7 @@ DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed (:func:`pcfm.data.atomic.atomic_path`)."""
+    """Checkpoints written to a temporary file and renamed (:func:`pcfm.io.atomic_path`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         with atomic_path(path) as temporary:

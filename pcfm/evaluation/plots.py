@@ -4,7 +4,7 @@ Plots need matplotlib, which pcfm does not depend on (the ``plots`` extra): with
 :func:`make_plots` writes nothing and says why, and the markdown summary (:mod:`pcfm.evaluation.report`) carries that line.
 Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot, no display),
 so a user's interactive backend and open figures are left alone. Every file is written
-atomically (:func:`pcfm.data.atomic.atomic_path`).
+atomically (:func:`pcfm.io.atomic_path`).
 
 The figures (reference in black, generated in orange):
 
@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.data.events import CaloShowers
 from pcfm.evaluation.distances import histogram_edges
 from pcfm.evaluation.features import apply_threshold

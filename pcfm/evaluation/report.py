@@ -1,6 +1,6 @@
 """Write evaluation results: a JSON file and a short markdown summary that links the plots
 (:mod:`pcfm.evaluation.plots`) or says why they were skipped. Files are written atomically
-(:func:`pcfm.data.atomic.atomic_path`).
+(:func:`pcfm.io.atomic_path`).
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from pcfm.data.atomic import atomic_path
+from pcfm.io import atomic_path
 from pcfm.evaluation.plots import PLOT_CAPTIONS, make_plots  # noqa: F401 - make_plots: its home before 0.2
 
 

@@ -59,7 +59,7 @@ def load_yaml(path: Union[str, os.PathLike]) -> Geometry:
 
 def save_yaml(geometry: Geometry, path: Union[str, os.PathLike]) -> None:
     """Write a geometry as YAML (atomically)."""
-    from pcfm.data.atomic import atomic_path
+    from pcfm.io import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w") as stream:
         yaml.safe_dump(geometry.to_dict(), stream, sort_keys=False)

@@ -11,6 +11,6 @@ with ``backend=``.
   per-edge bias.
 """
 from pcfm.ops.attention import edge_attention, varlen_attention
-from pcfm.ops.cluster import fps, knn, knn_graph
+from pcfm.ops.cluster import fps, knn, knn_graph, torch_cluster_available
 
-__all__ = ["knn", "knn_graph", "fps", "varlen_attention", "edge_attention"]
+__all__ = ["knn", "knn_graph", "fps", "torch_cluster_available", "varlen_attention", "edge_attention"]

@@ -188,6 +188,11 @@ def _load_torch_cluster() -> tuple[Optional[ModuleType], str]:
     return torch_cluster, ""
 
 
+def torch_cluster_available() -> bool:
+    """Whether the compiled torch-cluster extension imports here (the ``"torch_cluster"`` backend)."""
+    return _load_torch_cluster()[0] is not None
+
+
 def _torch_cluster() -> ModuleType:
     module, _ = _load_torch_cluster()
     assert module is not None

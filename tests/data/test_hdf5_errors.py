@@ -142,7 +142,7 @@ def test_lazy_handle_on_a_file_that_became_bad(tmp_path):
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    from pcfm.data.atomic import atomic_path
+    from pcfm.io import atomic_path
 
     mask = os.umask(0o022)
     try:

@@ -11,7 +11,7 @@ import torch
 from pcfm.ops import cluster
 from pcfm.ops.cluster import fps, knn, knn_graph
 
-HAS_TORCH_CLUSTER = cluster._load_torch_cluster()[0] is not None
+HAS_TORCH_CLUSTER = cluster.torch_cluster_available()
 needs_torch_cluster = pytest.mark.skipif(
     not HAS_TORCH_CLUSTER, reason="torch_cluster is not importable: cannot compare the fallback with it"
 )
