@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     command, machine = announce()
     torch.set_num_threads(1)
-    from transfer import split_for  # the benchmark's own folds
+    from transfer_data import split_for  # the transfer benchmark's own folds
 
     _, val, _, _ = split_for("gamma_pi0", 600, args.fold, args.workdir)
     view = LabelledView(val, np.arange(min(args.n_events, len(val))), "y")

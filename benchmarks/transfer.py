@@ -8,18 +8,14 @@ Tasks (``--tasks``):
 * gamma_pi0: Geant4 photons against pi0 (20-100 GeV, decaying 500 mm upstream) in the ds2 SiW
   calorimeter, the 1000 showers of ``shared/data/geant4``: five folds, each seed tests on its own
   200 showers, validates on 200 others and draws its labels from the remaining 600; accuracy.
-* electron_energy: incident energy of electrons on ``par04-scipb``; relative resolution (lower is
-  better). Every arm sits at the sampling floor: a sanity row, not a contest.
+* electron_energy: incident energy of electrons on ``par04-scipb``; relative resolution (lower is better). Every arm sits at the sampling floor: a sanity row, not a contest.
 * pion_energy: the same for charged pions, where the shower's shape carries the correction for
   invisible energy: the regression with headroom for a network.
 * segmentation: per-point LArTPC classes (``lartpc-768``); mean F1 over the classes.
 
-Arms: ``scratch`` (random weights), ``pretrained`` (masked point modelling, :func:`pcfm.pretrain`
-objective "mpm", on ds2 showers for the shower tasks and on LArTPC events for segmentation; every
-weight fine-tuned), ``linear`` (the pretrained backbone frozen, a head trained: the linear probe),
+Arms: ``scratch`` (random weights), ``pretrained`` (masked point modelling, :func:`pcfm.pretrain` objective "mpm", on ds2 showers for the shower tasks and on LArTPC events for segmentation; every weight fine-tuned), ``linear`` (the pretrained backbone frozen, a head trained: the linear probe),
 and ``reference``: logistic regression and boosted trees on high-level shower features, linear
-and boosted regression, per-point boosted trees on local features (``benchmarks/references.py``,
-needs the ``bench`` extra). A reference's setting is chosen on the same validation set; its
+and boosted regression, per-point boosted trees on local features (``benchmarks/references.py``, needs the ``bench`` extra). A reference's setting is chosen on the same validation set; its
 "best" row is the one with the higher validation score.
 
 Protocol. Each simulated task has a labelled pool, a validation set and a test set, simulated with
@@ -28,8 +24,7 @@ largest label count. A run with ``n`` labels and seed ``s`` trains on a
 seeded subset of the pool (balanced over classes for classification); every arm and the
 references see the same subset. The learning rate of each (task, arm) is chosen from
 ``--lr-grid`` on seed 0 with ``--select-labels`` labels, by the lowest validation loss; every
-run keeps the weights of its lowest validation loss (checked every ``--val-every`` steps,
-stopping after ``--patience`` checks without improvement); the test set is used once, at the
+run keeps the weights of its lowest validation loss (checked every ``--val-every`` steps, stopping after ``--patience`` checks without improvement); the test set is used once, at the
 end. Means over seeds come with standard errors (std / sqrt(seeds)). A comparison "A >= B" is met
 when mean(A) - mean(B) >= -(standard error of the difference).
 
@@ -37,11 +32,14 @@ when mean(A) - mean(B) >= -(standard error of the difference).
         [--n-labels N ...] [--curve-labels N ...] [--workers W] [--workdir DIR] [--out FILE.json] ...
 
 Output: JSON (``benchmarks/results/transfer.json`` for ``--config cpu``), with a ``summary`` row
-per task (the means and standard errors of pretrained@100, scratch@100, scratch@1000,
-reference@100, reference@1000, linear@100 and the checks of issue 12), the token coverage of the
+per task (the means and standard errors of pretrained@100, scratch@100, scratch@1000, reference@100, reference@1000, linear@100 and the checks of issue 12), the token coverage of the
 backbone on both detector families, a markdown report (.md) and a plot (.png). Runs go to
 ``--workdir``: a rerun with the same settings reuses finished runs, so an interrupted benchmark
 continues where it stopped. Runs go to ``--workers`` processes of ``--threads`` torch threads each.
+
+This file holds the runs, the plan and the command line; the tasks and sizes are in
+``transfer_config.py``, the events and splits in ``transfer_data.py``, the aggregation, the
+target checks and the report in ``transfer_report.py``.
 """
 from __future__ import annotations
 
@@ -57,300 +55,35 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 import references
 from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, log,
-                     markdown_table, parse_json_or_text, save_png, write_results)
+                     parse_json_or_text, write_results)
 from pcfm.io import atomic_path
 
-LARTPC_GEOMETRY = "lartpc-768"
-TARGET_GEOMETRY = "par04-scipb"
-SOURCE_GEOMETRY = "calochallenge-ds2"
-PARTICLES = ("electron", "photon", "pion")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One benchmark task: what is fine-tuned, on which events, from which pretraining."""
-
-    finetune_task: str  # pcfm.finetune's task
-    domain: str  # the events (Domains)
-    pretrained_from: str  # "showers" or "lartpc": the pretraining of the pretrained arm
-    metric: str  # primary metric (a task_metrics key)
-    higher_is_better: bool
-    label: str
-    secondary: tuple = ()
-    class_names: Optional[tuple] = None
-
-
-TASKS = {
-    "pid": TaskSpec("classification", "pid", "showers", "accuracy", True,
-                    "e / gamma / pi identification on par04-scipb (unseen geometry)", ("mean_f1",)),
-    "gamma_pi0": TaskSpec("classification", "gamma_pi0", "showers", "accuracy", True,
-                          "Geant4 gamma vs pi0 in the ds2 SiW calorimeter (5 folds of 1000 showers)", ("mean_f1",),
-                          class_names=("photon", "pi0")),
-    "electron_energy": TaskSpec("regression", "electron_energy", "showers", "incident_energy/resolution", False,
-                                "electron energy on par04-scipb (sampling floor: a sanity row)",
-                                ("incident_energy/bias",)),
-    "pion_energy": TaskSpec("regression", "pion_energy", "showers", "incident_energy/resolution", False,
-                            "charged-pion energy on par04-scipb (shape corrects invisible energy)",
-                            ("incident_energy/bias",)),
-    "segmentation": TaskSpec("segmentation", "lartpc", "lartpc", "mean_f1", True,
-                             "LArTPC semantic segmentation", ("accuracy",)),
-}
-DOMAIN_PARTICLES = {"pid": PARTICLES, "electron_energy": ("electron",), "pion_energy": ("pion",)}
-ARMS = ("scratch", "pretrained", "linear")
-#: Simulation seeds: pretraining data, pools, validation and test sets never share one.
-SEED_SOURCE, SEED_LARTPC_PRETRAIN, SEED_COVERAGE = 0, 1, 5
-SEEDS = {"pid": (201, 203, 202), "electron_energy": (211, 213, 212), "pion_energy": (221, 223, 222),
-         "lartpc": (301, 303, 302)}  # (pool, validation, test)
-GAMMA_PI0_FOLDS = 5
-#: Output change (standardised units) above which a regression model is taken to read its target.
-LEAK_THRESHOLD = 1e-4
-RUN_RECORD = "transfer_run.json"
-
-
-@dataclass
-class Config:
-    """Every size of a run; ``--config`` picks a preset, options override single fields."""
-
-    model: Any = "tiny"
-    tasks: list = field(default_factory=lambda: list(TASKS))
-    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    n_labels: list = field(default_factory=lambda: [100, 1000])
-    curve_labels: list = field(default_factory=lambda: [300, 3000])
-    curve_seeds: list = field(default_factory=lambda: [0, 1])
-    arms: list = field(default_factory=lambda: list(ARMS))
-    arm_labels: dict = field(default_factory=lambda: {"linear": [100, 1000]})
-    references: bool = True
-    energy_range: tuple = (1e3, 1e5)
-    lartpc_points: Optional[tuple] = None
-    pool_factor: float = 2.0
-    n_val: int = 400
-    n_lartpc_val: int = 100
-    n_test: int = 2000
-    n_lartpc_test: int = 300
-    gamma_pi0_per_class: Optional[int] = None
-    # pretraining
-    pretrain_steps: int = 1500
-    pretrain_lartpc_steps: int = 800
-    pretrain_batch_points: int = 20_000
-    pretrain_lr: float = 1e-3
-    n_source: int = 6000
-    n_lartpc_pretrain: int = 1500
-    # fine-tuning: max steps at each label count (the lowest validation loss is kept)
-    steps_at: dict = field(default_factory=lambda: {"100": 300, "300": 400, "1000": 600, "3000": 800})
-    # per task, tables that replace steps_at: gamma/pi0 from scratch sits at chance (loss ln 2) for
-    # 200-350 steps before it finds the signal (seen on the validation loss of folds 0 and 1)
-    task_steps_at: dict = field(default_factory=lambda: {"gamma_pi0": {"100": 800, "600": 1000}})
-    # early stopping cannot end a run before this fraction of its step budget
-    min_steps_fraction: float = 0.5
-    batch_points: int = 20_000
-    lartpc_batch_points: int = 20_000
-    lr_grid: list = field(default_factory=lambda: [1e-3, 3e-3])
-    linear_lr_grid: list = field(default_factory=lambda: [3e-3, 1e-2])
-    select_labels: int = 100
-    val_every: int = 50
-    patience: int = 4
-    augment: bool = True
-    max_reference_points: int = 100_000
-    n_coverage: int = 200
-    workers: int = 2
-    threads: int = 1
-
-
-CONFIGS: dict[str, dict] = {
-    # 2 CPU cores: the tiny backbone, every task; see RESULTS.md for what one run of it costs.
-    "cpu": {},
-    # the smoke test: seconds, every code path, meaningless numbers.
-    "micro": dict(model={"preset": "tiny", "depth": 1}, tasks=list(TASKS), seeds=[0, 1], n_labels=[6, 12],
-                  curve_labels=[9], curve_seeds=[0], arm_labels={"linear": [6]}, energy_range=(1e3, 5e3),
-                  lartpc_points=(200, 400), gamma_pi0_per_class=20, n_val=12, n_lartpc_val=6, n_test=24, n_lartpc_test=8,
-                  pretrain_steps=3, pretrain_lartpc_steps=3, pretrain_batch_points=4000, n_source=40,
-                  n_lartpc_pretrain=12, steps_at={"6": 4, "9": 4, "12": 6}, task_steps_at={}, batch_points=3000,
-                  lartpc_batch_points=3000, lr_grid=[1e-3, 3e-3], linear_lr_grid=[1e-2], select_labels=6,
-                  val_every=2, patience=2, max_reference_points=2000, n_coverage=6, workers=1, threads=1),
-}
-
-
-def model_label(model: Any) -> str:
-    """A folder-safe name of a backbone: the preset, or a hash of a dict of overrides."""
-    if isinstance(model, str):
-        return model
-    text = json.dumps(model, sort_keys=True)
-    preset = model.get("preset", "custom") if isinstance(model, dict) else "custom"
-    return f"{preset}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-def clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-def steps_for(n: int, config: Config, task: Optional[str] = None) -> int:
-    """Maximum fine-tune steps with ``n`` labels: the entry of the task's table (``task_steps_at``,
-    else ``steps_at``) at the nearest label count at or below ``n`` (the smallest one below all)."""
-    table = sorted((int(k), int(v)) for k, v in config.task_steps_at.get(task, config.steps_at).items())
-    below = [steps for count, steps in table if count <= n]
-    return below[-1] if below else table[0][1]
-
-
-def label_counts(task: str, config: Config) -> list[int]:
-    """Label counts of a task: the main ones and the curve, capped at what its pool holds
-    (gamma_pi0: 600 per fold)."""
-    counts = sorted(set(config.n_labels) | set(config.curve_labels))
-    if TASKS[task].domain == "gamma_pi0":
-        cap = gamma_pi0_pool_size(config)
-        counts = sorted({min(n, cap) for n in counts})
-    return counts
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def gamma_pi0_pool_size(config: Config) -> int:
-    """Showers a gamma_pi0 fold draws its labels from: three of the five blocks."""
-    total = 2 * (config.gamma_pi0_per_class or 500)
-    return total - len(np.array_split(np.arange(total), GAMMA_PI0_FOLDS)[0]) * 2
-
-
-def pool_size(config: Config) -> int:
-    """Labelled pool of a simulated task: ``pool_factor`` times the largest label count, so that
-    the seeds of even the largest count draw different events."""
-    return int(math.ceil(config.pool_factor * max(set(config.n_labels) | set(config.curve_labels))))
-
-
-def simulate(domain: str, n: int, seed: int, config: Config) -> list:
-    """``n`` events of a simulated domain as a list of ``Data`` (labels ``y`` / ``semantic`` included)."""
-    from pcfm.engine.data import simulate_pretraining_events
-
-    if domain == "lartpc":
-        points = tuple(config.lartpc_points) if config.lartpc_points else None
-        events = simulate_pretraining_events(LARTPC_GEOMETRY, n, lartpc_points=points, seed=seed)
-    else:
-        events = simulate_pretraining_events(TARGET_GEOMETRY, n, particles=DOMAIN_PARTICLES[domain],
-                                             energy_range=tuple(config.energy_range), seed=seed)
-    return [events[i] for i in range(len(events))]
-
-
-def read_gamma_pi0(per_class: Optional[int] = None) -> list:
-    """The Geant4 photon (y = 0) and pi0 (y = 1) showers (:func:`references.read_gamma_pi0`) with
-    their label as ``y``, in file order."""
-    events, labels = references.read_gamma_pi0(per_class=per_class)
-    for event, label in zip(events, labels):
-        event.y = torch.tensor([int(label)])
-    return events
-
-
-def gamma_pi0_fold(n_events: int, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pool, validation, test) indices of fold ``fold``: a fixed shuffle cut in five blocks; test is
-    block ``fold``, validation the next one, the pool the other three."""
-    order = np.random.default_rng(12345).permutation(n_events)
-    blocks = np.array_split(order, GAMMA_PI0_FOLDS)
-    f = fold % GAMMA_PI0_FOLDS
-    pool = np.concatenate([blocks[i] for i in range(GAMMA_PI0_FOLDS) if i not in (f, (f + 1) % GAMMA_PI0_FOLDS)])
-    return np.sort(pool), np.sort(blocks[(f + 1) % GAMMA_PI0_FOLDS]), np.sort(blocks[f])
-
-
-def domain_settings(domain: str, config: Config) -> dict:
-    """What a domain's events depend on (part of every run's settings)."""
-    if domain == "gamma_pi0":
-        return {"files": list(references.GAMMA_PI0_FILES), "folds": GAMMA_PI0_FOLDS, "per_class": config.gamma_pi0_per_class}
-    if domain == "lartpc":
-        return as_json({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points,
-                        "sizes": [pool_size(config), config.n_lartpc_val, config.n_lartpc_test],
-                        "seeds": SEEDS[domain]})
-    return as_json({"geometry": TARGET_GEOMETRY, "particles": DOMAIN_PARTICLES[domain],
-                    "energy_range": config.energy_range, "sizes": [pool_size(config), config.n_val, config.n_test],
-                    "seeds": SEEDS[domain]})
-
-
-def data_file(workdir: Path, domain: str) -> Path:
-    return workdir / "data" / f"{domain}.pt"
-
-
-def prepare_domain(domain: str, config: Config, workdir: Path) -> dict:
-    """Simulate (or read) a domain's events once and store them in the workdir, so that every worker
-    process loads the same events; reused when the settings match."""
-    path = data_file(workdir, domain)
-    settings = domain_settings(domain, config)
-    if path.is_file():
-        stored = torch.load(path, weights_only=False)
-        if stored["settings"] == settings:
-            return stored
-    start = time.perf_counter()
-    if domain == "gamma_pi0":
-        events = read_gamma_pi0(per_class=config.gamma_pi0_per_class)
-        parts = {"all": events}
-    else:
-        pool_seed, val_seed, test_seed = SEEDS[domain]
-        n_val, n_test = (config.n_lartpc_val, config.n_lartpc_test) if domain == "lartpc" else (config.n_val, config.n_test)
-        parts = {"pool": simulate(domain, pool_size(config), pool_seed, config),
-                 "val": simulate(domain, n_val, val_seed, config),
-                 "test": simulate(domain, n_test, test_seed, config)}
-    stored = {"settings": settings, **parts}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(stored, tmp)
-    sizes = ", ".join(f"{name} {len(events)}" for name, events in parts.items())
-    log(f"[data] {domain}: {sizes} events in {time.perf_counter() - start:.1f} s")
-    return stored
-
-
-_DOMAIN_CACHE: dict = {}
-
-
-def load_domain(domain: str, workdir: Path) -> dict:
-    key = (str(workdir), domain)
-    if key not in _DOMAIN_CACHE:
-        _DOMAIN_CACHE[key] = torch.load(data_file(workdir, domain), weights_only=False)
-    return _DOMAIN_CACHE[key]
-
-
-def class_labels(events: list) -> np.ndarray:
-    return np.array([int(e.y) for e in events], dtype=np.int64)
-
-
-def split_for(task: str, n: int, seed: int, workdir: Path) -> tuple[list, list, list, np.ndarray]:
-    """(train, validation, test) events of a run, and the training indices into its pool. The
-    same for every arm and the references."""
-    from pcfm.api import balanced_subset
-
-    spec = TASKS[task]
-    stored = load_domain(spec.domain, workdir)
-    if spec.domain == "gamma_pi0":
-        events = stored["all"]
-        pool_index, val_index, test_index = gamma_pi0_fold(len(events), seed)
-        pool = [events[i] for i in pool_index]
-        val, test = [events[i] for i in val_index], [events[i] for i in test_index]
-    else:
-        pool, val, test = stored["pool"], stored["val"], stored["test"]
-    everything = np.arange(len(pool))
-    if spec.finetune_task == "classification":
-        train = balanced_subset(everything, class_labels(pool), min(n, len(pool)), seed)
-    else:
-        train = np.sort(np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False))
-    return [pool[i] for i in train], val, test, train
-
+from transfer_config import (ARMS, CONFIGS, Config, GAMMA_PI0_FOLDS, LARTPC_GEOMETRY, LEAK_THRESHOLD, PARTICLES,
+                             RUN_RECORD, SEED_COVERAGE, SEED_LARTPC_PRETRAIN, SEED_SOURCE, SOURCE_GEOMETRY,
+                             TARGET_GEOMETRY, TASKS, clock, label_counts, model_label, steps_for)
+from transfer_data import class_labels, domain_settings, load_domain, prepare_domain, simulate, split_for
+from transfer_report import aggregate, make_plot, report, summarise
+# read as transfer.X by the tests and other scripts:
+from transfer_config import gamma_pi0_pool_size  # noqa: F401
+from transfer_data import gamma_pi0_fold  # noqa: F401
+from transfer_report import SUMMARY_KEYS, compare  # noqa: F401
 
 # ----------------------------------------------------------------------------- pretraining
 
 
 def pretrain_settings(source: str, config: Config) -> dict:
     if source == "showers":
-        return as_json({"source": source, "model": config.model, "geometry": SOURCE_GEOMETRY,
-                        "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source,
-                        "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points,
-                        "lr": config.pretrain_lr, "seed": SEED_SOURCE})
-    return as_json({"source": source, "model": config.model, "geometry": LARTPC_GEOMETRY,
-                    "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain,
-                    "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points,
-                    "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN})
+        return as_json({"source": source, "model": config.model, "geometry": SOURCE_GEOMETRY, "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source, "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points, "lr": config.pretrain_lr, "seed": SEED_SOURCE})
+    return as_json({"source": source, "model": config.model, "geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain, "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points, "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN})
 
 
 def pretrain_folder(source: str, config: Config, workdir: Path) -> Path:
@@ -377,10 +110,7 @@ def run_pretraining(source: str, config: Config, workdir: Path) -> dict:
     options = {"particles": PARTICLES, "energy_range": tuple(config.energy_range)} if source == "showers" else {
         "lartpc_points": tuple(config.lartpc_points) if config.lartpc_points else None}
     start = time.perf_counter()
-    result = pretrain("mpm", geometry=settings["geometry"], model=config.model, max_steps=steps,
-                      batch_points=settings["batch_points"], lr=settings["lr"], n_events=settings["n_events"],
-                      val_fraction=0.05, workdir=folder, resume=True, accelerator="cpu", devices=1,
-                      seed=settings["seed"], progress=False, log_every_n_steps=max(1, min(50, steps // 20)),
+    result = pretrain("mpm", geometry=settings["geometry"], model=config.model, max_steps=steps, batch_points=settings["batch_points"], lr=settings["lr"], n_events=settings["n_events"], val_fraction=0.05, workdir=folder, resume=True, accelerator="cpu", devices=1, seed=settings["seed"], progress=False, log_every_n_steps=max(1, min(50, steps // 20)),
                       checkpoint_every_n_steps=max(1, min(250, steps // 4)), data_options=options)
     seconds = time.perf_counter() - start
     losses = [row["train/loss"] for row in result.history if "train/loss" in row]
@@ -423,9 +153,7 @@ def job_settings(job: Job, config: Config) -> dict:
     if job.arm == "reference":
         return as_json({**common, "max_points": config.max_reference_points})
     lartpc = spec.domain == "lartpc"
-    return as_json({
-        **common, "model": config.model, "task": spec.finetune_task,
-        "pretraining": None if job.arm == "scratch" else pretrain_settings(spec.pretrained_from, config),
+    return as_json({ **common, "model": config.model, "task": spec.finetune_task, "pretraining": None if job.arm == "scratch" else pretrain_settings(spec.pretrained_from, config),
         "mode": "linear" if job.arm == "linear" else "full", "max_steps": steps_for(job.n, config, job.task),
         "batch_points": config.lartpc_batch_points if lartpc else config.batch_points,
         "val_every": config.val_every, "patience": config.patience, "augment": config.augment,
@@ -450,8 +178,7 @@ def same_run(stored: dict, settings: dict) -> bool:
 
 def target_leak(module, events: list, targets: tuple = ("incident_energy",), n_events: int = 32) -> dict:
     """Regression: the largest change of the (standardised) outputs of ``n_events`` test events when
-    only their true incident energy changes (x2): above :data:`LEAK_THRESHOLD` (and the run-to-run
-    noise), the model reads its label."""
+    only their true incident energy changes (x2): above :data:`LEAK_THRESHOLD` (and the run-to-run noise), the model reads its label."""
     from torch_geometric.data import Batch
 
     from pcfm.api import LabelledView
@@ -479,9 +206,7 @@ def run_network(job: Job, config: Config, workdir: Path, settings: dict) -> dict
         checkpoint = str(pretrain_folder(spec.pretrained_from, config, workdir) / "checkpoints" / "last.ckpt")
     folder = job.folder(config, workdir)
     start = time.perf_counter()
-    result = finetune(spec.finetune_task, data=train, checkpoint=checkpoint, model=config.model,
-                      mode=settings["mode"], n_labels=None, val_data=val, test_data=test,
-                      class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
+    result = finetune(spec.finetune_task, data=train, checkpoint=checkpoint, model=config.model, mode=settings["mode"], n_labels=None, val_data=val, test_data=test, class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
                       batch_points=settings["batch_points"], lr=job.lr, augment=config.augment, workdir=folder,
                       resume=False, patience=config.patience, min_steps=settings["min_steps"],
                       val_every_n_steps=config.val_every,
@@ -523,8 +248,7 @@ def run_reference(job: Job, config: Config, workdir: Path) -> dict:
     train, val, test, train_index = split_for(job.task, job.n, job.seed, workdir)
     start = time.perf_counter()
     if spec.finetune_task == "segmentation":
-        result = references.segment(train, val, test, job.seed, max_train_points=config.max_reference_points,
-                                    threads=1)
+        result = references.segment(train, val, test, job.seed, max_train_points=config.max_reference_points, threads=1)
     else:
         geometry = SOURCE_GEOMETRY if spec.domain == "gamma_pi0" else TARGET_GEOMETRY
         classification = spec.finetune_task == "classification"
@@ -534,12 +258,10 @@ def run_reference(job: Job, config: Config, workdir: Path) -> dict:
                      for name, part in (("val", val), ("test", test))]
         if classification:
             labels = [class_labels(part) for part in (train, val, test)]
-            result = references.classify(features[0], labels[0], features[1], labels[1], features[2], labels[2],
-                                         job.seed, threads=1)
+            result = references.classify(features[0], labels[0], features[1], labels[1], features[2], labels[2], job.seed, threads=1)
         else:
             labels = [np.log(np.array([float(e.incident_energy) for e in part])) for part in (train, val, test)]
-            result = references.regress_energy(features[0], labels[0], features[1], labels[1], features[2],
-                                               labels[2], job.seed, threads=1)
+            result = references.regress_energy(features[0], labels[0], features[1], labels[1], features[2], labels[2], job.seed, threads=1)
     models = {}
     for name, entry in result.items():
         models[name] = {"chosen": entry.get("model", name), "params": entry.get("params"),
@@ -561,8 +283,7 @@ def execute(job: Job, config: Config, workdir: Path) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    record = run_reference(job, config, workdir) if job.arm == "reference" else run_network(job, config, workdir,
-                                                                                            settings)
+    record = run_reference(job, config, workdir) if job.arm == "reference" else run_network(job, config, workdir, settings)
     with atomic_path(record_file) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "result": record}, allow_nan=True))
     return {**record, "reused": False}
@@ -595,16 +316,14 @@ class Runner:
         self.pool = None
         if config.workers > 1:
             context = multiprocessing.get_context("spawn")
-            self.pool = futures.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_setup,
-                                                    initargs=(config.threads,))
+            self.pool = futures.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_setup, initargs=(config.threads,))
 
     def run(self, items: list) -> dict:
         """``{item: record}`` of ``items``: ``("pretrain", source)`` or ``("job", Job)`` pairs, run in
         any order (none may need another's result)."""
         out, args = {}, [(kind, item, self.config, self.workdir) for kind, item in items]
         if self.pool:
-            results = (future.result() for future in futures.as_completed(
-                [self.pool.submit(_execute_task, arg) for arg in args]))
+            results = (future.result() for future in futures.as_completed([self.pool.submit(_execute_task, arg) for arg in args]))
         else:
             results = map(_execute_task, args)
         for done, (kind, item, record, error) in enumerate(results, 1):
@@ -645,8 +364,7 @@ def chosen_lr(task: str, arm: str, records: dict, config: Config) -> float:
 
 
 def arm_runs_at(task: str, arm: str, n: int, config: Config) -> bool:
-    """Whether ``arm`` runs with ``n`` labels (``arm_labels``; an arm not named there runs at every
-    count; gamma_pi0's largest count stands for the largest asked)."""
+    """Whether ``arm`` runs with ``n`` labels (``arm_labels``; an arm not named there runs at every count; gamma_pi0's largest count stands for the largest asked)."""
     asked = config.arm_labels.get(arm)
     if asked is None:
         return True
@@ -659,8 +377,7 @@ def main_jobs(config: Config, lrs: dict) -> list[Job]:
     jobs = []
     for task in config.tasks:
         for n in label_counts(task, config):
-            curve_only = n not in config.n_labels and not (TASKS[task].domain == "gamma_pi0"
-                                                           and n == max(label_counts(task, config)))
+            curve_only = n not in config.n_labels and not (TASKS[task].domain == "gamma_pi0" and n == max(label_counts(task, config)))
             seeds = config.curve_seeds if curve_only else config.seeds
             for seed in seeds:
                 if config.references:
@@ -672,99 +389,12 @@ def main_jobs(config: Config, lrs: dict) -> list[Job]:
     return jobs
 
 
-# ----------------------------------------------------------------------------- aggregation and checks
-
-
-def mean_and_error(values: list[float]) -> dict:
-    values = np.asarray(values, dtype=float)
-    error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-    return {"mean": float(values.mean()), "standard_error": error, "n_seeds": int(len(values)),
-            "values": values.tolist()}
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and standard error over seeds per (task, arm, n)."""
-    out = []
-    for key in sorted({(r["task"], r["arm"], r["n_labels"]) for r in rows if r["part"] == "run"}):
-        task, arm, n = key
-        spec = TASKS[task]
-        runs = [r for r in rows if r["part"] == "run" and (r["task"], r["arm"], r["n_labels"]) == key]
-        row = {"part": "aggregate", "task": task, "arm": arm, "n_labels": n, "metric": spec.metric,
-               "higher_is_better": spec.higher_is_better,
-               **mean_and_error([r["metrics"][spec.metric] for r in runs]),
-               "lr": runs[0].get("lr"), "label_leak": any((r.get("label_leak") or {}).get("detected") for r in runs)}
-        for name in spec.secondary:
-            row[name + "_mean"] = float(np.mean([r["metrics"].get(name, math.nan) for r in runs]))
-        if arm == "reference":
-            chosen = [r["models"]["best"]["chosen"] for r in runs]
-            row["chosen"] = {name: chosen.count(name) for name in sorted(set(chosen))}
-        out.append(row)
-    return out
-
-
-def compare(a: Optional[dict], b: Optional[dict], higher_is_better: bool) -> dict:
-    """``a >= b`` (better or equal in the task's sense) within one standard error of the difference."""
-    if a is None or b is None:
-        return {"met": None, "note": "not measured"}
-    sign = 1.0 if higher_is_better else -1.0
-    advantage = sign * (a["mean"] - b["mean"])
-    error = math.sqrt(sum((x["standard_error"] or 0.0) ** 2 for x in (a, b)))
-    return {"met": bool(advantage >= -error), "advantage": advantage, "standard_error": error}
-
-
-SUMMARY_KEYS = (("pretrained@100", "pretrained", "low"), ("scratch@100", "scratch", "low"),
-                ("scratch@1000", "scratch", "high"), ("reference@100", "reference", "low"),
-                ("reference@1000", "reference", "high"), ("linear@100", "linear", "low"))
-
-
-def summarise(aggregates: list[dict], config: Config) -> dict:
-    """The issue-12 summary: per task the means and standard errors at 100 and 1000 labels (the
-    task's largest label count when its pool holds fewer), and the checks."""
-    low, high = min(config.n_labels), max(config.n_labels)
-    tasks = {}
-    for task in config.tasks:
-        spec = TASKS[task]
-        counts = label_counts(task, config)
-        n_of = {"low": min(low, max(counts)), "high": min(high, max(counts))}
-        record = {"metric": spec.metric, "higher_is_better": spec.higher_is_better, "labels": n_of}
-        for key, arm, which in SUMMARY_KEYS:
-            found = next((a for a in aggregates if (a["task"], a["arm"], a["n_labels"]) == (task, arm, n_of[which])),
-                         None)
-            record[key] = None if found is None else {k: found[k] for k in ("mean", "standard_error", "n_seeds")}
-        record["checks"] = {
-            "scratch@1000 >= reference@1000": compare(record["scratch@1000"], record["reference@1000"],
-                                                      spec.higher_is_better),
-            "pretrained@100 >= reference@100": compare(record["pretrained@100"], record["reference@100"],
-                                                       spec.higher_is_better),
-            "pretrained@100 >= scratch@1000": compare(record["pretrained@100"], record["scratch@1000"],
-                                                      spec.higher_is_better),
-            "pretrained@100 >= scratch@100": compare(record["pretrained@100"], record["scratch@100"],
-                                                     spec.higher_is_better)}
-        tasks[task] = record
-    targets = []
-    for task in ("pid", "segmentation"):
-        if task in tasks:
-            for check in ("scratch@1000 >= reference@1000", "pretrained@100 >= reference@100"):
-                targets.append({"target": f"{task}: {check}", "met": tasks[task]["checks"][check]["met"]})
-    if "gamma_pi0" in tasks:
-        scratch = tasks["gamma_pi0"]["scratch@1000"]
-        targets.append({"target": f"gamma_pi0: scratch with {tasks['gamma_pi0']['labels']['high']} labels "
-                                  f"reaches accuracy 0.95", "met": None if scratch is None else scratch["mean"] >= 0.95})
-    transfer = [task for task, record in tasks.items() if record["checks"]["pretrained@100 >= scratch@1000"]["met"]]
-    targets.append({"target": "pretrained@100 >= scratch@1000 on at least two tasks", "met": len(transfer) >= 2,
-                    "tasks": transfer})
-    return {"tasks": tasks, "targets": targets,
-            "rule": "A >= B is met when mean(A) - mean(B) >= -(standard error of the difference), in the "
-                    "task's direction (lower is better for resolutions)"}
-
-
 # ----------------------------------------------------------------------------- coverage
 
 
 def coverage_rows(config: Config, workdir: Path) -> list[dict]:
     """Token coverage of the backbone (:func:`pcfm.nn.token_coverage`) on events of both detector
-    families, whatever the tasks: simulated ds2 and par04 showers (e / gamma / pi over the
-    configured energies), default LArTPC events, and the Geant4 showers when gamma_pi0 runs;
+    families, whatever the tasks: simulated ds2 and par04 showers (e / gamma / pi over the configured energies), default LArTPC events, and the Geant4 showers when gamma_pi0 runs;
     mean and minimum over events."""
     from torch_geometric.data import Batch
 
@@ -792,97 +422,6 @@ def coverage_rows(config: Config, workdir: Path) -> list[dict]:
                      "min": float(np.min(values))})
         log(f"[coverage] {name}: mean {np.mean(values):.4f}, min {np.min(values):.4f} over {len(values)} events")
     return rows
-
-
-# ----------------------------------------------------------------------------- plot and report
-
-
-def make_plot(aggregates: list[dict], config: Config, path: Path) -> Optional[str]:
-    """Metric against labels per task (log x), one line per arm, error bars = standard errors.
-    Returns why it was skipped, or None."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return "matplotlib is not installed"
-    tasks = [t for t in config.tasks if any(a["task"] == t for a in aggregates)]
-    if not tasks:
-        return "no results"
-    columns = min(3, len(tasks))
-    rows = int(math.ceil(len(tasks) / columns))
-    fig = Figure(figsize=(4.6 * columns, 3.6 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax, task in zip(axes, tasks):
-        spec = TASKS[task]
-        for arm, style in (("pretrained", "o-C0"), ("scratch", "s-C1"), ("linear", "^--C2"), ("reference", "D:C7")):
-            points = sorted((a["n_labels"], a["mean"], a["standard_error"] or 0.0) for a in aggregates
-                            if a["task"] == task and a["arm"] == arm)
-            if points:
-                n, mean, error = zip(*points)
-                ax.errorbar(n, mean, yerr=error, fmt=style[:-2], color=style[-2:], capsize=3, label=arm)
-        ax.set_xscale("log")
-        ax.set_xlabel("labelled training events")
-        ax.set_ylabel(spec.metric + ("" if spec.higher_is_better else " (lower is better)"))
-        ax.set_title(task, fontsize=9)
-        ax.legend(fontsize=7)
-    for ax in axes[len(tasks):]:
-        ax.set_visible(False)
-    save_png(fig, path)
-    return None
-
-
-AGGREGATE_COLUMNS = [("task", "task", ""), ("arm", "arm", ""), ("labels", "n_labels", "d"), ("metric", "metric", ""),
-                     ("mean", "mean", ".4f"), ("s.e.", "standard_error", ".4f"), ("seeds", "n_seeds", "d"),
-                     ("lr", "lr", "g"), ("macro F1", "mean_f1_mean", ".4f"), ("E bias", "incident_energy/bias_mean", ".4f")]
-COVERAGE_COLUMNS = [("events", "events", ""), ("n", "n_events", "d"), ("mean coverage", "mean", ".4f"),
-                    ("lowest", "min", ".4f")]
-PRETRAIN_COLUMNS = [("source", "source", ""), ("geometry", "geometry", ""), ("events", "n_events", "d"),
-                    ("steps", "steps", "d"), ("s", "seconds", ".0f"), ("first loss", "first_loss", ".3f"),
-                    ("final loss", "final_loss", ".3f"), ("val. loss", "val_loss", ".3f")]
-
-
-def cell(entry: Optional[dict]) -> str:
-    if entry is None:
-        return "-"
-    error = entry["standard_error"]
-    return f"{entry['mean']:.4f}" + ("" if error is None else f" ± {error:.4f}") + f" ({entry['n_seeds']})"
-
-
-def report(rows: list[dict], config_name: str, config: Config, command: str, machine: dict) -> str:
-    summary = next(r for r in rows if r["part"] == "summary")
-    aggregates = [r for r in rows if r["part"] == "aggregate"]
-    lines = ["## Label efficiency and transfer (`benchmarks/transfer.py`)", "",
-             f"`{command}` — {machine.get('gpu', machine.get('cpu'))}, {config.workers} worker(s) x "
-             f"{config.threads} thread(s), torch {machine.get('torch')}; config `{config_name}`; "
-             f"{summary['total_wall_s']:.0f} s in all ({summary['runs_fresh']} runs now, "
-             f"{summary['runs_reused']} reused).", "",
-             f"Backbone {model_label(config.model)}; learning rates chosen on validation from {config.lr_grid} "
-             f"(linear probe {config.linear_lr_grid}); at most {config.steps_at} steps of {config.batch_points} points "
-             f"({config.task_steps_at} for those tasks), the lowest validation loss kept (every {config.val_every} "
-             f"steps, patience {config.patience}, no stop before {config.min_steps_fraction:g} of the budget); "
-             f"symmetry augmentation {'on' if config.augment else 'off'}. Test sets: {config.n_test} "
-             f"{TARGET_GEOMETRY} showers, {config.n_lartpc_test} LArTPC events, "
-             f"{2 * (config.gamma_pi0_per_class or 500) // GAMMA_PI0_FOLDS} Geant4 showers per gamma_pi0 fold "
-             f"(seed = fold).",
-             "", "### Summary (mean ± standard error (seeds))", ""]
-    header = "| task | metric | " + " | ".join(key for key, _, _ in SUMMARY_KEYS) + " |"
-    lines += [header, "|" + "---|" * (2 + len(SUMMARY_KEYS))]
-    for task, record in summary["summary"]["tasks"].items():
-        metric = record["metric"] + ("" if record["higher_is_better"] else " (lower better)")
-        lines.append(f"| {task} | {metric} | " + " | ".join(cell(record[key]) for key, _, _ in SUMMARY_KEYS) + " |")
-    lines += ["", "### Targets (issue 12)", ""]
-    for target in summary["summary"]["targets"]:
-        state = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
-        lines.append(f"- {target['target']}: **{state}**")
-    lines += ["", f"Rule: {summary['summary']['rule']}.", "", "### Token coverage", "",
-              markdown_table([r for r in rows if r["part"] == "coverage"], COVERAGE_COLUMNS), "",
-              "### Pretraining", "", markdown_table(summary["pretraining"], PRETRAIN_COLUMNS), "",
-              "### Every arm and label count", "", markdown_table(aggregates, AGGREGATE_COLUMNS), ""]
-    leaks = sorted({(r["task"], r["arm"]) for r in rows if r["part"] == "run" and (r.get("label_leak") or {}).get("detected")})
-    if leaks:
-        lines += [f"**Label leak** in {leaks}: those regression rows measure nothing.", ""]
-    plot = summary.get("plot")
-    lines.append(f"![transfer]({Path(plot).name})" if plot else f"Plot skipped: {summary.get('plot_skipped')}.")
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -924,8 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu", help="size preset (default cpu)")
     parser.add_argument("--workdir", type=Path, default=None, help="runs and data (default pcfm_runs/transfer_CONFIG)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file (.md and .png go beside it)")
-    add_config_options(parser, Config, OPTION_HELP, special={
-        "model": {"type": parse_json_or_text}, "tasks": {"choices": list(TASKS), "nargs": "+"},
+    add_config_options(parser, Config, OPTION_HELP, special={ "model": {"type": parse_json_or_text}, "tasks": {"choices": list(TASKS), "nargs": "+"},
         "arms": {"choices": list(ARMS), "nargs": "+"}, "lartpc_points": {"type": int, "nargs": 2},
         "gamma_pi0_per_class": {"type": int}, "curve_labels": {"type": int, "nargs": "*"},
         "steps_at": {"type": json.loads}, "task_steps_at": {"type": json.loads}, "arm_labels": {"type": json.loads}})
@@ -936,9 +474,7 @@ def quiet_lightning() -> None:
     """Keep the per-run progress readable: Lightning's banners and known-harmless warnings off."""
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    for message in (".*does not have many workers.*", ".*Total length of .* across ranks is zero.*",
-                    ".*custom batch sampler.*", ".*`max_epochs` was not set.*", ".*LeafSpec.*",
-                    ".*smaller than the logging interval.*", ".*more than max_points.*"):
+    for message in (".*does not have many workers.*", ".*Total length of .* across ranks is zero.*", ".*custom batch sampler.*", ".*`max_epochs` was not set.*", ".*LeafSpec.*", ".*smaller than the logging interval.*", ".*more than max_points.*"):
         warnings.filterwarnings("ignore", message=message)
 
 
