@@ -9,8 +9,9 @@ Package layout (each sub-package is one layer of the architecture):
 - :mod:`pcfm.ops`: geometric and attention ops on ragged batches (kNN, FPS, ...), with
   pure-torch references; :mod:`pcfm.kernels` holds their fused GPU kernels;
 - :mod:`pcfm.nn`: the geometry-agnostic transformer-GNN backbone;
-- :mod:`pcfm.tasks`: pretraining objectives (masked point modelling, point diffusion) and the
-  Lightning modules; :mod:`pcfm.engine`: data module and trainer;
+- :mod:`pcfm.tasks`: pretraining objectives (masked point modelling, point diffusion) and their
+  Lightning module; :mod:`pcfm.finetuning`: downstream tasks and the fine-tuning module;
+  :mod:`pcfm.engine`: the modules' shared base, data module and trainer;
 - :mod:`pcfm.api`: the verbs :func:`pretrain`, :func:`finetune`, :func:`generate`,
   :func:`evaluate`, which are also the package's top-level names;
 - :mod:`pcfm.cli`: the ``pcfm`` command line.
