@@ -8,14 +8,18 @@ Tasks (``--tasks``):
 * gamma_pi0: Geant4 photons against pi0 (20-100 GeV, decaying 500 mm upstream) in the ds2 SiW
   calorimeter, the 1000 showers of ``shared/data/geant4``: five folds, each seed tests on its own
   200 showers, validates on 200 others and draws its labels from the remaining 600; accuracy.
-* electron_energy: incident energy of electrons on ``par04-scipb``; relative resolution (lower is better). Every arm sits at the sampling floor: a sanity row, not a contest.
+* electron_energy: incident energy of electrons on ``par04-scipb``; relative resolution (lower is
+  better). Every arm sits at the sampling floor: a sanity row, not a contest.
 * pion_energy: the same for charged pions, where the shower's shape carries the correction for
   invisible energy: the regression with headroom for a network.
 * segmentation: per-point LArTPC classes (``lartpc-768``); mean F1 over the classes.
 
-Arms: ``scratch`` (random weights), ``pretrained`` (masked point modelling, :func:`pcfm.pretrain` objective "mpm", on ds2 showers for the shower tasks and on LArTPC events for segmentation; every weight fine-tuned), ``linear`` (the pretrained backbone frozen, a head trained: the linear probe),
+Arms: ``scratch`` (random weights), ``pretrained`` (masked point modelling, :func:`pcfm.pretrain`
+objective "mpm", on ds2 showers for the shower tasks and on LArTPC events for segmentation; every
+weight fine-tuned), ``linear`` (the pretrained backbone frozen, a head trained: the linear probe),
 and ``reference``: logistic regression and boosted trees on high-level shower features, linear
-and boosted regression, per-point boosted trees on local features (``benchmarks/references.py``, needs the ``bench`` extra). A reference's setting is chosen on the same validation set; its
+and boosted regression, per-point boosted trees on local features (``benchmarks/references.py``,
+needs the ``bench`` extra). A reference's setting is chosen on the same validation set; its
 "best" row is the one with the higher validation score.
 
 Protocol. Each simulated task has a labelled pool, a validation set and a test set, simulated with
@@ -24,7 +28,8 @@ largest label count. A run with ``n`` labels and seed ``s`` trains on a
 seeded subset of the pool (balanced over classes for classification); every arm and the
 references see the same subset. The learning rate of each (task, arm) is chosen from
 ``--lr-grid`` on seed 0 with ``--select-labels`` labels, by the lowest validation loss; every
-run keeps the weights of its lowest validation loss (checked every ``--val-every`` steps, stopping after ``--patience`` checks without improvement); the test set is used once, at the
+run keeps the weights of its lowest validation loss (checked every ``--val-every`` steps,
+stopping after ``--patience`` checks without improvement); the test set is used once, at the
 end. Means over seeds come with standard errors (std / sqrt(seeds)). A comparison "A >= B" is met
 when mean(A) - mean(B) >= -(standard error of the difference).
 
@@ -32,7 +37,8 @@ when mean(A) - mean(B) >= -(standard error of the difference).
         [--n-labels N ...] [--curve-labels N ...] [--workers W] [--workdir DIR] [--out FILE.json] ...
 
 Output: JSON (``benchmarks/results/transfer.json`` for ``--config cpu``), with a ``summary`` row
-per task (the means and standard errors of pretrained@100, scratch@100, scratch@1000, reference@100, reference@1000, linear@100 and the checks of issue 12), the token coverage of the
+per task (the means and standard errors of pretrained@100, scratch@100, scratch@1000,
+reference@100, reference@1000, linear@100 and the checks of issue 12), the token coverage of the
 backbone on both detector families, a markdown report (.md) and a plot (.png). Runs go to
 ``--workdir``: a rerun with the same settings reuses finished runs, so an interrupted benchmark
 continues where it stopped. Runs go to ``--workers`` processes of ``--threads`` torch threads each.
@@ -66,7 +72,6 @@ import references
 from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, log,
                      parse_json_or_text, write_results)
 from pcfm.io import atomic_path
-
 from transfer_config import (ARMS, CONFIGS, Config, GAMMA_PI0_FOLDS, LARTPC_GEOMETRY, LEAK_THRESHOLD, PARTICLES,
                              RUN_RECORD, SEED_COVERAGE, SEED_LARTPC_PRETRAIN, SEED_SOURCE, SOURCE_GEOMETRY,
                              TARGET_GEOMETRY, TASKS, clock, label_counts, model_label, steps_for)
@@ -82,8 +87,14 @@ from transfer_report import SUMMARY_KEYS, compare  # noqa: F401
 
 def pretrain_settings(source: str, config: Config) -> dict:
     if source == "showers":
-        return as_json({"source": source, "model": config.model, "geometry": SOURCE_GEOMETRY, "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source, "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points, "lr": config.pretrain_lr, "seed": SEED_SOURCE})
-    return as_json({"source": source, "model": config.model, "geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain, "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points, "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN})
+        return as_json({"source": source, "model": config.model, "geometry": SOURCE_GEOMETRY,
+                        "particles": PARTICLES, "energy_range": config.energy_range, "n_events": config.n_source,
+                        "steps": config.pretrain_steps, "batch_points": config.pretrain_batch_points,
+                        "lr": config.pretrain_lr, "seed": SEED_SOURCE})
+    return as_json({"source": source, "model": config.model, "geometry": LARTPC_GEOMETRY,
+                    "lartpc_points": config.lartpc_points, "n_events": config.n_lartpc_pretrain,
+                    "steps": config.pretrain_lartpc_steps, "batch_points": config.pretrain_batch_points,
+                    "lr": config.pretrain_lr, "seed": SEED_LARTPC_PRETRAIN})
 
 
 def pretrain_folder(source: str, config: Config, workdir: Path) -> Path:
@@ -110,7 +121,10 @@ def run_pretraining(source: str, config: Config, workdir: Path) -> dict:
     options = {"particles": PARTICLES, "energy_range": tuple(config.energy_range)} if source == "showers" else {
         "lartpc_points": tuple(config.lartpc_points) if config.lartpc_points else None}
     start = time.perf_counter()
-    result = pretrain("mpm", geometry=settings["geometry"], model=config.model, max_steps=steps, batch_points=settings["batch_points"], lr=settings["lr"], n_events=settings["n_events"], val_fraction=0.05, workdir=folder, resume=True, accelerator="cpu", devices=1, seed=settings["seed"], progress=False, log_every_n_steps=max(1, min(50, steps // 20)),
+    result = pretrain("mpm", geometry=settings["geometry"], model=config.model, max_steps=steps,
+                      batch_points=settings["batch_points"], lr=settings["lr"], n_events=settings["n_events"],
+                      val_fraction=0.05, workdir=folder, resume=True, accelerator="cpu", devices=1,
+                      seed=settings["seed"], progress=False, log_every_n_steps=max(1, min(50, steps // 20)),
                       checkpoint_every_n_steps=max(1, min(250, steps // 4)), data_options=options)
     seconds = time.perf_counter() - start
     losses = [row["train/loss"] for row in result.history if "train/loss" in row]
@@ -153,7 +167,9 @@ def job_settings(job: Job, config: Config) -> dict:
     if job.arm == "reference":
         return as_json({**common, "max_points": config.max_reference_points})
     lartpc = spec.domain == "lartpc"
-    return as_json({ **common, "model": config.model, "task": spec.finetune_task, "pretraining": None if job.arm == "scratch" else pretrain_settings(spec.pretrained_from, config),
+    return as_json({
+        **common, "model": config.model, "task": spec.finetune_task,
+        "pretraining": None if job.arm == "scratch" else pretrain_settings(spec.pretrained_from, config),
         "mode": "linear" if job.arm == "linear" else "full", "max_steps": steps_for(job.n, config, job.task),
         "batch_points": config.lartpc_batch_points if lartpc else config.batch_points,
         "val_every": config.val_every, "patience": config.patience, "augment": config.augment,
@@ -178,7 +194,8 @@ def same_run(stored: dict, settings: dict) -> bool:
 
 def target_leak(module, events: list, targets: tuple = ("incident_energy",), n_events: int = 32) -> dict:
     """Regression: the largest change of the (standardised) outputs of ``n_events`` test events when
-    only their true incident energy changes (x2): above :data:`LEAK_THRESHOLD` (and the run-to-run noise), the model reads its label."""
+    only their true incident energy changes (x2): above :data:`LEAK_THRESHOLD` (and the run-to-run
+    noise), the model reads its label."""
     from torch_geometric.data import Batch
 
     from pcfm.api import LabelledView
@@ -206,7 +223,9 @@ def run_network(job: Job, config: Config, workdir: Path, settings: dict) -> dict
         checkpoint = str(pretrain_folder(spec.pretrained_from, config, workdir) / "checkpoints" / "last.ckpt")
     folder = job.folder(config, workdir)
     start = time.perf_counter()
-    result = finetune(spec.finetune_task, data=train, checkpoint=checkpoint, model=config.model, mode=settings["mode"], n_labels=None, val_data=val, test_data=test, class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
+    result = finetune(spec.finetune_task, data=train, checkpoint=checkpoint, model=config.model,
+                      mode=settings["mode"], n_labels=None, val_data=val, test_data=test,
+                      class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
                       batch_points=settings["batch_points"], lr=job.lr, augment=config.augment, workdir=folder,
                       resume=False, patience=config.patience, min_steps=settings["min_steps"],
                       val_every_n_steps=config.val_every,
@@ -248,7 +267,8 @@ def run_reference(job: Job, config: Config, workdir: Path) -> dict:
     train, val, test, train_index = split_for(job.task, job.n, job.seed, workdir)
     start = time.perf_counter()
     if spec.finetune_task == "segmentation":
-        result = references.segment(train, val, test, job.seed, max_train_points=config.max_reference_points, threads=1)
+        result = references.segment(train, val, test, job.seed, max_train_points=config.max_reference_points,
+                                    threads=1)
     else:
         geometry = SOURCE_GEOMETRY if spec.domain == "gamma_pi0" else TARGET_GEOMETRY
         classification = spec.finetune_task == "classification"
@@ -258,10 +278,12 @@ def run_reference(job: Job, config: Config, workdir: Path) -> dict:
                      for name, part in (("val", val), ("test", test))]
         if classification:
             labels = [class_labels(part) for part in (train, val, test)]
-            result = references.classify(features[0], labels[0], features[1], labels[1], features[2], labels[2], job.seed, threads=1)
+            result = references.classify(features[0], labels[0], features[1], labels[1], features[2], labels[2],
+                                         job.seed, threads=1)
         else:
             labels = [np.log(np.array([float(e.incident_energy) for e in part])) for part in (train, val, test)]
-            result = references.regress_energy(features[0], labels[0], features[1], labels[1], features[2], labels[2], job.seed, threads=1)
+            result = references.regress_energy(features[0], labels[0], features[1], labels[1], features[2],
+                                               labels[2], job.seed, threads=1)
     models = {}
     for name, entry in result.items():
         models[name] = {"chosen": entry.get("model", name), "params": entry.get("params"),
@@ -283,7 +305,8 @@ def execute(job: Job, config: Config, workdir: Path) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    record = run_reference(job, config, workdir) if job.arm == "reference" else run_network(job, config, workdir, settings)
+    record = run_reference(job, config, workdir) if job.arm == "reference" else run_network(job, config, workdir,
+                                                                                            settings)
     with atomic_path(record_file) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "result": record}, allow_nan=True))
     return {**record, "reused": False}
@@ -316,14 +339,16 @@ class Runner:
         self.pool = None
         if config.workers > 1:
             context = multiprocessing.get_context("spawn")
-            self.pool = futures.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_setup, initargs=(config.threads,))
+            self.pool = futures.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_setup,
+                                                    initargs=(config.threads,))
 
     def run(self, items: list) -> dict:
         """``{item: record}`` of ``items``: ``("pretrain", source)`` or ``("job", Job)`` pairs, run in
         any order (none may need another's result)."""
         out, args = {}, [(kind, item, self.config, self.workdir) for kind, item in items]
         if self.pool:
-            results = (future.result() for future in futures.as_completed([self.pool.submit(_execute_task, arg) for arg in args]))
+            results = (future.result() for future in futures.as_completed(
+                [self.pool.submit(_execute_task, arg) for arg in args]))
         else:
             results = map(_execute_task, args)
         for done, (kind, item, record, error) in enumerate(results, 1):
@@ -364,7 +389,8 @@ def chosen_lr(task: str, arm: str, records: dict, config: Config) -> float:
 
 
 def arm_runs_at(task: str, arm: str, n: int, config: Config) -> bool:
-    """Whether ``arm`` runs with ``n`` labels (``arm_labels``; an arm not named there runs at every count; gamma_pi0's largest count stands for the largest asked)."""
+    """Whether ``arm`` runs with ``n`` labels (``arm_labels``; an arm not named there runs at every
+    count; gamma_pi0's largest count stands for the largest asked)."""
     asked = config.arm_labels.get(arm)
     if asked is None:
         return True
@@ -377,7 +403,8 @@ def main_jobs(config: Config, lrs: dict) -> list[Job]:
     jobs = []
     for task in config.tasks:
         for n in label_counts(task, config):
-            curve_only = n not in config.n_labels and not (TASKS[task].domain == "gamma_pi0" and n == max(label_counts(task, config)))
+            curve_only = n not in config.n_labels and not (TASKS[task].domain == "gamma_pi0"
+                                                           and n == max(label_counts(task, config)))
             seeds = config.curve_seeds if curve_only else config.seeds
             for seed in seeds:
                 if config.references:
@@ -394,7 +421,8 @@ def main_jobs(config: Config, lrs: dict) -> list[Job]:
 
 def coverage_rows(config: Config, workdir: Path) -> list[dict]:
     """Token coverage of the backbone (:func:`pcfm.nn.token_coverage`) on events of both detector
-    families, whatever the tasks: simulated ds2 and par04 showers (e / gamma / pi over the configured energies), default LArTPC events, and the Geant4 showers when gamma_pi0 runs;
+    families, whatever the tasks: simulated ds2 and par04 showers (e / gamma / pi over the
+    configured energies), default LArTPC events, and the Geant4 showers when gamma_pi0 runs;
     mean and minimum over events."""
     from torch_geometric.data import Batch
 
@@ -463,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu", help="size preset (default cpu)")
     parser.add_argument("--workdir", type=Path, default=None, help="runs and data (default pcfm_runs/transfer_CONFIG)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file (.md and .png go beside it)")
-    add_config_options(parser, Config, OPTION_HELP, special={ "model": {"type": parse_json_or_text}, "tasks": {"choices": list(TASKS), "nargs": "+"},
+    add_config_options(parser, Config, OPTION_HELP, special={
+        "model": {"type": parse_json_or_text}, "tasks": {"choices": list(TASKS), "nargs": "+"},
         "arms": {"choices": list(ARMS), "nargs": "+"}, "lartpc_points": {"type": int, "nargs": 2},
         "gamma_pi0_per_class": {"type": int}, "curve_labels": {"type": int, "nargs": "*"},
         "steps_at": {"type": json.loads}, "task_steps_at": {"type": json.loads}, "arm_labels": {"type": json.loads}})
@@ -474,7 +503,9 @@ def quiet_lightning() -> None:
     """Keep the per-run progress readable: Lightning's banners and known-harmless warnings off."""
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    for message in (".*does not have many workers.*", ".*Total length of .* across ranks is zero.*", ".*custom batch sampler.*", ".*`max_epochs` was not set.*", ".*LeafSpec.*", ".*smaller than the logging interval.*", ".*more than max_points.*"):
+    for message in (".*does not have many workers.*", ".*Total length of .* across ranks is zero.*",
+                    ".*custom batch sampler.*", ".*`max_epochs` was not set.*", ".*LeafSpec.*",
+                    ".*smaller than the logging interval.*", ".*more than max_points.*"):
         warnings.filterwarnings("ignore", message=message)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+
 LARTPC_GEOMETRY = "lartpc-768"
 TARGET_GEOMETRY = "par04-scipb"
 SOURCE_GEOMETRY = "calochallenge-ds2"
@@ -29,14 +30,19 @@ class TaskSpec:
 
 
 TASKS = {
-    "pid": TaskSpec("classification", "pid", "showers", "accuracy", True, "e / gamma / pi identification on par04-scipb (unseen geometry)", ("mean_f1",)),
-    "gamma_pi0": TaskSpec("classification", "gamma_pi0", "showers", "accuracy", True, "Geant4 gamma vs pi0 in the ds2 SiW calorimeter (5 folds of 1000 showers)", ("mean_f1",),
+    "pid": TaskSpec("classification", "pid", "showers", "accuracy", True,
+                    "e / gamma / pi identification on par04-scipb (unseen geometry)", ("mean_f1",)),
+    "gamma_pi0": TaskSpec("classification", "gamma_pi0", "showers", "accuracy", True,
+                          "Geant4 gamma vs pi0 in the ds2 SiW calorimeter (5 folds of 1000 showers)", ("mean_f1",),
                           class_names=("photon", "pi0")),
-    "electron_energy": TaskSpec("regression", "electron_energy", "showers", "incident_energy/resolution", False, "electron energy on par04-scipb (sampling floor: a sanity row)",
+    "electron_energy": TaskSpec("regression", "electron_energy", "showers", "incident_energy/resolution", False,
+                                "electron energy on par04-scipb (sampling floor: a sanity row)",
                                 ("incident_energy/bias",)),
-    "pion_energy": TaskSpec("regression", "pion_energy", "showers", "incident_energy/resolution", False, "charged-pion energy on par04-scipb (shape corrects invisible energy)",
+    "pion_energy": TaskSpec("regression", "pion_energy", "showers", "incident_energy/resolution", False,
+                            "charged-pion energy on par04-scipb (shape corrects invisible energy)",
                             ("incident_energy/bias",)),
-    "segmentation": TaskSpec("segmentation", "lartpc", "lartpc", "mean_f1", True, "LArTPC semantic segmentation", ("accuracy",)),
+    "segmentation": TaskSpec("segmentation", "lartpc", "lartpc", "mean_f1", True,
+                             "LArTPC semantic segmentation", ("accuracy",)),
 }
 DOMAIN_PARTICLES = {"pid": PARTICLES, "electron_energy": ("electron",), "pion_energy": ("pion",)}
 ARMS = ("scratch", "pretrained", "linear")
@@ -127,7 +133,8 @@ def clock(seconds: float) -> str:
 
 
 def steps_for(n: int, config: Config, task: Optional[str] = None) -> int:
-    """Maximum fine-tune steps with ``n`` labels: the entry of the task's table (``task_steps_at``, else ``steps_at``) at the nearest label count at or below ``n`` (the smallest one below all)."""
+    """Maximum fine-tune steps with ``n`` labels: the entry of the task's table (``task_steps_at``,
+    else ``steps_at``) at the nearest label count at or below ``n`` (the smallest one below all)."""
     table = sorted((int(k), int(v)) for k, v in config.task_steps_at.get(task, config.steps_at).items())
     below = [steps for count, steps in table if count <= n]
     return below[-1] if below else table[0][1]

@@ -13,9 +13,7 @@ import torch
 import references
 from _common import as_json, log
 from pcfm.io import atomic_path
-
-from transfer_config import (Config, DOMAIN_PARTICLES, GAMMA_PI0_FOLDS, LARTPC_GEOMETRY, SEEDS, TARGET_GEOMETRY,
-                             TASKS)
+from transfer_config import Config, DOMAIN_PARTICLES, GAMMA_PI0_FOLDS, LARTPC_GEOMETRY, SEEDS, TARGET_GEOMETRY, TASKS
 
 # ----------------------------------------------------------------------------- data
 
@@ -34,7 +32,8 @@ def simulate(domain: str, n: int, seed: int, config: Config) -> list:
         points = tuple(config.lartpc_points) if config.lartpc_points else None
         events = simulate_pretraining_events(LARTPC_GEOMETRY, n, lartpc_points=points, seed=seed)
     else:
-        events = simulate_pretraining_events(TARGET_GEOMETRY, n, particles=DOMAIN_PARTICLES[domain], energy_range=tuple(config.energy_range), seed=seed)
+        events = simulate_pretraining_events(TARGET_GEOMETRY, n, particles=DOMAIN_PARTICLES[domain],
+                                             energy_range=tuple(config.energy_range), seed=seed)
     return [events[i] for i in range(len(events))]
 
 
@@ -62,9 +61,11 @@ def domain_settings(domain: str, config: Config) -> dict:
     if domain == "gamma_pi0":
         return {"files": list(references.GAMMA_PI0_FILES), "folds": GAMMA_PI0_FOLDS, "per_class": config.gamma_pi0_per_class}
     if domain == "lartpc":
-        return as_json({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points, "sizes": [pool_size(config), config.n_lartpc_val, config.n_lartpc_test],
+        return as_json({"geometry": LARTPC_GEOMETRY, "lartpc_points": config.lartpc_points,
+                        "sizes": [pool_size(config), config.n_lartpc_val, config.n_lartpc_test],
                         "seeds": SEEDS[domain]})
-    return as_json({"geometry": TARGET_GEOMETRY, "particles": DOMAIN_PARTICLES[domain], "energy_range": config.energy_range, "sizes": [pool_size(config), config.n_val, config.n_test],
+    return as_json({"geometry": TARGET_GEOMETRY, "particles": DOMAIN_PARTICLES[domain],
+                    "energy_range": config.energy_range, "sizes": [pool_size(config), config.n_val, config.n_test],
                     "seeds": SEEDS[domain]})
 
 

@@ -58,7 +58,8 @@ SUMMARY_KEYS = (("pretrained@100", "pretrained", "low"), ("scratch@100", "scratc
 
 
 def summarise(aggregates: list[dict], config: Config) -> dict:
-    """The issue-12 summary: per task the means and standard errors at 100 and 1000 labels (the task's largest label count when its pool holds fewer), and the checks."""
+    """The issue-12 summary: per task the means and standard errors at 100 and 1000 labels (the
+    task's largest label count when its pool holds fewer), and the checks."""
     low, high = min(config.n_labels), max(config.n_labels)
     tasks = {}
     for task in config.tasks:
@@ -71,10 +72,14 @@ def summarise(aggregates: list[dict], config: Config) -> dict:
                          None)
             record[key] = None if found is None else {k: found[k] for k in ("mean", "standard_error", "n_seeds")}
         record["checks"] = {
-            "scratch@1000 >= reference@1000": compare(record["scratch@1000"], record["reference@1000"], spec.higher_is_better),
-            "pretrained@100 >= reference@100": compare(record["pretrained@100"], record["reference@100"], spec.higher_is_better),
-            "pretrained@100 >= scratch@1000": compare(record["pretrained@100"], record["scratch@1000"], spec.higher_is_better),
-            "pretrained@100 >= scratch@100": compare(record["pretrained@100"], record["scratch@100"], spec.higher_is_better)}
+            "scratch@1000 >= reference@1000": compare(record["scratch@1000"], record["reference@1000"],
+                                                      spec.higher_is_better),
+            "pretrained@100 >= reference@100": compare(record["pretrained@100"], record["reference@100"],
+                                                       spec.higher_is_better),
+            "pretrained@100 >= scratch@1000": compare(record["pretrained@100"], record["scratch@1000"],
+                                                      spec.higher_is_better),
+            "pretrained@100 >= scratch@100": compare(record["pretrained@100"], record["scratch@100"],
+                                                     spec.higher_is_better)}
         tasks[task] = record
     targets = []
     for task in ("pid", "segmentation"):
@@ -83,7 +88,8 @@ def summarise(aggregates: list[dict], config: Config) -> dict:
                 targets.append({"target": f"{task}: {check}", "met": tasks[task]["checks"][check]["met"]})
     if "gamma_pi0" in tasks:
         scratch = tasks["gamma_pi0"]["scratch@1000"]
-        targets.append({"target": f"gamma_pi0: scratch with {tasks['gamma_pi0']['labels']['high']} labels " f"reaches accuracy 0.95", "met": None if scratch is None else scratch["mean"] >= 0.95})
+        targets.append({"target": f"gamma_pi0: scratch with {tasks['gamma_pi0']['labels']['high']} labels "
+                                  f"reaches accuracy 0.95", "met": None if scratch is None else scratch["mean"] >= 0.95})
     transfer = [task for task, record in tasks.items() if record["checks"]["pretrained@100 >= scratch@1000"]["met"]]
     targets.append({"target": "pretrained@100 >= scratch@1000 on at least two tasks", "met": len(transfer) >= 2,
                     "tasks": transfer})
@@ -151,10 +157,12 @@ def report(rows: list[dict], config_name: str, config: Config, command: str, mac
     lines = ["## Label efficiency and transfer (`benchmarks/transfer.py`)", "",
              f"`{command}` — {machine.get('gpu', machine.get('cpu'))}, {config.workers} worker(s) x "
              f"{config.threads} thread(s), torch {machine.get('torch')}; config `{config_name}`; "
-             f"{summary['total_wall_s']:.0f} s in all ({summary['runs_fresh']} runs now, " f"{summary['runs_reused']} reused).", "",
+             f"{summary['total_wall_s']:.0f} s in all ({summary['runs_fresh']} runs now, "
+             f"{summary['runs_reused']} reused).", "",
              f"Backbone {model_label(config.model)}; learning rates chosen on validation from {config.lr_grid} "
              f"(linear probe {config.linear_lr_grid}); at most {config.steps_at} steps of {config.batch_points} points "
-             f"({config.task_steps_at} for those tasks), the lowest validation loss kept (every {config.val_every} " f"steps, patience {config.patience}, no stop before {config.min_steps_fraction:g} of the budget); "
+             f"({config.task_steps_at} for those tasks), the lowest validation loss kept (every {config.val_every} "
+             f"steps, patience {config.patience}, no stop before {config.min_steps_fraction:g} of the budget); "
              f"symmetry augmentation {'on' if config.augment else 'off'}. Test sets: {config.n_test} "
              f"{TARGET_GEOMETRY} showers, {config.n_lartpc_test} LArTPC events, "
              f"{2 * (config.gamma_pi0_per_class or 500) // GAMMA_PI0_FOLDS} Geant4 showers per gamma_pi0 fold "
