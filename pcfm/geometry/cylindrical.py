@@ -368,13 +368,8 @@ class CylindricalGeometry(Geometry):
         return True
 
     def spread_within_cells(self, pos, jitter):
-        """Radius by the radial jitter, azimuth by the arc jitter / radius, depth by the depth jitter."""
-        import torch
-
-        radius = torch.hypot(pos[:, 0], pos[:, 1])
-        angle = torch.atan2(pos[:, 1], pos[:, 0]) + jitter[:, 1] / radius.clamp(min=1e-6) * (radius > 0)
-        radius = radius + jitter[:, 0]
-        return torch.stack([radius * angle.cos(), radius * angle.sin(), pos[:, 2] + jitter[:, 2]], 1)
+        """:func:`spread_in_cylinder`: radius, azimuth and depth move within the cell."""
+        return spread_in_cylinder(pos, jitter)
 
     def extent_text(self) -> str:
         return f"{self.depth_mm:7.1f} mm {self.layer_x0()[-1]:5.1f} X0"
@@ -441,3 +436,14 @@ def _radial_edges(group: dict) -> list[float]:
         return [float(e) for e in group["r_edges_mm"]]
     bins = group["r_bins"]
     return [float(i) * float(bins["width_mm"]) for i in range(int(bins["count"]) + 1)]
+
+
+def spread_in_cylinder(pos, jitter):
+    """Points ``pos`` (n, 3) mm moved within cylindrical-mesh cells: radius by the radial jitter,
+    azimuth by the arc jitter / radius, depth by the depth jitter (torch tensors)."""
+    import torch
+
+    radius = torch.hypot(pos[:, 0], pos[:, 1])
+    angle = torch.atan2(pos[:, 1], pos[:, 0]) + jitter[:, 1] / radius.clamp(min=1e-6) * (radius > 0)
+    radius = radius + jitter[:, 0]
+    return torch.stack([radius * angle.cos(), radius * angle.sin(), pos[:, 2] + jitter[:, 2]], 1)

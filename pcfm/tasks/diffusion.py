@@ -70,6 +70,7 @@ from torch_geometric.data import Batch, Data
 
 from pcfm import geometry as geometries
 from pcfm.data.pointcloud import ENERGY_FLOOR_MEV
+from pcfm.geometry.cylindrical import spread_in_cylinder
 from pcfm.nn import BackboneConfig
 from pcfm.nn.tokenizer import segment_mean
 from pcfm.tasks.edm import (SAMPLERS, dpmpp2m_sampler, edm_loss_weight, edm_preconditioning, heun_sampler,
@@ -141,7 +142,7 @@ def dequantize_positions(pos_mm: Tensor, cell_sizes: Tensor, point_batch: Tensor
     """
     jitter = (torch.rand(pos_mm.shape, generator=generator, device=pos_mm.device) - 0.5) * cell_sizes
     # points of events without a geometry name: the cylindrical rule, as for calorimeter files
-    moved = geometries.CylindricalGeometry.spread_within_cells(None, pos_mm, jitter)
+    moved = spread_in_cylinder(pos_mm, jitter)
     for geometry, points in _points_by_geometry(data, point_batch, num_events):
         index = torch.from_numpy(points).to(pos_mm.device)
         moved[index] = geometry.spread_within_cells(pos_mm[index], jitter[index]).to(moved.dtype)
