@@ -10,7 +10,7 @@
 """
 from pcfm.data.calochallenge import CaloChallengeFile, read_calochallenge, write_calochallenge
 from pcfm.data.caloclouds import CaloCloudEvent, CaloCloudsDataset, read_caloclouds
-from pcfm.data.datasets import CaloChallengeDataset, LArTPCDataset, ShowerDataset
+from pcfm.data.datasets import CaloChallengeDataset, EventList, LArTPCDataset, ShowerDataset
 from pcfm.data.events import (ELECTRON, PARTICLE_CLASSES, PARTICLE_NAMES, PHOTON, PION, SEMANTIC_CLASSES,
                               CaloShowers, LArEvent)
 from pcfm.data.formats import detect_format, open_dataset
@@ -24,6 +24,6 @@ __all__ = [
     "SEMANTIC_CLASSES", "read_calochallenge", "write_calochallenge", "CaloChallengeFile",
     "read_pilarnet_event", "write_pilarnet", "PILArNetDataset", "read_caloclouds", "CaloCloudEvent",
     "CaloCloudsDataset", "shower_to_data", "lartpc_to_data", "cloud_to_data", "data_to_showers",
-    "POINT_FEATURES", "ShowerDataset", "CaloChallengeDataset", "LArTPCDataset", "open_dataset",
+    "POINT_FEATURES", "ShowerDataset", "EventList", "CaloChallengeDataset", "LArTPCDataset", "open_dataset",
     "detect_format", "PointBudgetBatchSampler",
 ]

@@ -30,6 +30,22 @@ from pcfm.errors import DataError, GeometryError
 Transform = Optional[Callable[[Data], Any]]
 
 
+class EventList(torch.utils.data.Dataset):
+    """A list of ``Data`` point clouds as a dataset with :meth:`event_sizes`."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Data:
+        return self.items[i]
+
+    def event_sizes(self) -> np.ndarray:
+        return np.array([item.num_nodes for item in self.items], dtype=np.int64)
+
+
 def _threshold(geometry, threshold: Optional[float]) -> float:
     return geometry.readout_threshold_mev if threshold is None else float(threshold)
 

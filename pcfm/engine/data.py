@@ -31,7 +31,8 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 
 from pcfm import geometry as geometries
-from pcfm.data import PARTICLE_NAMES, PointBudgetBatchSampler, ShowerDataset, lartpc_to_data, open_dataset
+from pcfm.data import PARTICLE_NAMES, PointBudgetBatchSampler, open_dataset
+from pcfm.data.datasets import EventList  # noqa: F401  (also imported from here)
 from pcfm.errors import DataError
 
 #: Fields kept on every item (point fields, then event fields); missing event fields are filled
@@ -86,22 +87,6 @@ class ConcatEvents(torch.utils.data.ConcatDataset):
         return np.concatenate([event_sizes(dataset) for dataset in self.datasets])
 
 
-class EventList(torch.utils.data.Dataset):
-    """A list of ``Data`` point clouds as a dataset with :meth:`event_sizes`."""
-
-    def __init__(self, items: Sequence[Data]):
-        self.items = list(items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Data:
-        return self.items[i]
-
-    def event_sizes(self) -> np.ndarray:
-        return np.array([item.num_nodes for item in self.items], dtype=np.int64)
-
-
 def event_sizes(dataset) -> np.ndarray:
     """Points of each event: ``dataset.event_sizes()`` when it has one, else read every item once."""
     if hasattr(dataset, "event_sizes"):
@@ -120,10 +105,9 @@ def simulate_pretraining_events(geometry: str | Sequence[str] = DEFAULT_GEOMETRY
     random per shower) with log-uniform energies in ``energy_range`` (MeV) and polar angles
     uniform in ``theta_range`` (radians; a number fixes it); "lartpc-768" (any voxel grid) gets
     :func:`pcfm.sim.simulate_lartpc_events`, grown to ``lartpc_points=(lo, hi)`` points when
-    given. Geometry ``g`` (0, 1, ...) draws from ``seed + g``.
+    given. Geometry ``g`` (0, 1, ...) draws from ``seed + g``. The geometry chooses its
+    simulator (:meth:`pcfm.geometry.Geometry.simulate_events`).
     """
-    from pcfm.sim import simulate_lartpc_events, simulate_showers
-
     names = [geometry] if isinstance(geometry, str) else list(geometry)
     codes = {name: code for code, name in PARTICLE_NAMES.items()}
     unknown = [p for p in particles if p not in codes]
@@ -133,17 +117,8 @@ def simulate_pretraining_events(geometry: str | Sequence[str] = DEFAULT_GEOMETRY
     for offset, name in enumerate(names):
         geo = geometries.get(name)
         rng = np.random.default_rng(seed + offset)
-        if isinstance(geo, geometries.VoxelGridGeometry):
-            events = simulate_lartpc_events(n_events, rng=rng, target_points=lartpc_points)
-            parts.append(EventList([lartpc_to_data(event, geo) for event in events]))
-        elif not isinstance(geo, geometries.CylindricalGeometry):
-            raise ValueError(f"no simulator for geometry {name!r} (kind {geo.kind!r}): give data= (files or "
-                             f"events) to train on it; pcfm.sim simulates cylindrical calorimeters and voxel grids")
-        else:
-            pdg = np.array([codes[p] for p in particles])[rng.integers(len(particles), size=n_events)]
-            theta = tuple(float(t) for t in theta_range) if isinstance(theta_range, (tuple, list)) else theta_range
-            showers = simulate_showers(geo, n_events, particle=pdg, energy=tuple(energy_range), theta=theta, rng=rng)
-            parts.append(ShowerDataset(showers))
+        parts.append(geo.simulate_events(n_events, rng, particles=np.array([codes[p] for p in particles]), energy_range=tuple(energy_range),
+                                         theta_range=theta_range, target_points=lartpc_points))
     return parts[0] if len(parts) == 1 else ConcatEvents(parts)
 
 

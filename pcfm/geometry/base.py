@@ -74,6 +74,19 @@ class Geometry(ABC):
         """The detector's size in a few words (``pcfm geometries``)."""
         return ""
 
+    def simulate_events(self, n_events: int, rng: np.random.Generator, *, particles: np.ndarray,
+                        energy_range: tuple[float, float], theta_range, target_points=None):
+        """``n_events`` events of this detector from pcfm's fast simulators, as a dataset of PyG
+        ``Data`` (pretraining without files, :func:`pcfm.engine.data.simulate_pretraining_events`).
+
+        ``particles`` holds the PDG codes to draw each event's particle from, ``energy_range`` (MeV) the log-uniform
+        incident energies, ``theta_range`` the polar angle (radians, a number or (lo, hi)),
+        ``target_points`` (lo, hi) the point count of grown events where the kind has such a knob;
+        a kind ignores what does not apply to it. Default: no simulator, a clear error.
+        """
+        raise ValueError(f"no simulator for geometry {self.name!r} (kind {self.kind!r}): give data= (files or "
+                         f"events) to train on it; pcfm.sim simulates cylindrical calorimeters and voxel grids")
+
     @abstractmethod
     def to_dict(self) -> dict:
         """A plain dictionary (the YAML schema) from which :func:`pcfm.geometry.from_dict` rebuilds it."""

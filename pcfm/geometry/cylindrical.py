@@ -374,6 +374,18 @@ class CylindricalGeometry(Geometry):
     def extent_text(self) -> str:
         return f"{self.depth_mm:7.1f} mm {self.layer_x0()[-1]:5.1f} X0"
 
+    def simulate_events(self, n_events, rng, *, particles, energy_range, theta_range, target_points=None):
+        """Showers of :func:`pcfm.sim.simulate_showers`, each of a particle drawn from
+        ``particles`` (``target_points`` does not apply)."""
+        from pcfm.data import ShowerDataset
+        from pcfm.sim import simulate_showers
+
+        pdg = np.asarray(particles)[rng.integers(len(particles), size=n_events)]
+        theta = tuple(float(t) for t in theta_range) if isinstance(theta_range, (tuple, list)) else theta_range
+        showers = simulate_showers(self, n_events, particle=pdg, energy=tuple(energy_range),
+                                   theta=theta, rng=rng)
+        return ShowerDataset(showers)
+
     def to_dict(self) -> dict:
         layers, z = [], 0.0
         for layer in self.layers:

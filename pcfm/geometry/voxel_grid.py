@@ -101,6 +101,15 @@ class VoxelGridGeometry(Geometry):
     def extent_text(self) -> str:
         return " x ".join(f"{e:.0f}" for e in self.extent_mm) + " mm"
 
+    def simulate_events(self, n_events, rng, *, particles, energy_range, theta_range, target_points=None):
+        """LArTPC events of :func:`pcfm.sim.simulate_lartpc_events`, grown to ``target_points``
+        (lo, hi) points when given (the particle, energy and angle choices do not apply)."""
+        from pcfm.data import EventList, lartpc_to_data
+        from pcfm.sim import simulate_lartpc_events
+
+        events = simulate_lartpc_events(n_events, rng=rng, target_points=target_points)
+        return EventList([lartpc_to_data(event, self) for event in events])
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "kind": self.kind, "description": self.description,

@@ -94,3 +94,18 @@ def test_a_kind_without_a_simulator_says_so(pads):
 
     with pytest.raises(ValueError, match="no simulator for geometry 'test-pads' \\(kind 'pad_planes'\\): give data="):
         simulate_pretraining_events("test-pads", 4)
+
+
+def test_a_kind_that_brings_its_simulator_pretrains_without_files(pads, monkeypatch):
+    """The geometry chooses its simulator (Geometry.simulate_events): pcfm's data path asks it."""
+    from pcfm.data import EventList
+    from pcfm.engine.data import simulate_pretraining_events
+
+    def simulate_events(self, n_events, rng, **options):
+        batch = events(self, n_events, seed=int(rng.integers(1 << 30)))
+        return EventList(batch.to_data_list())
+
+    monkeypatch.setattr(PadPlanes, "simulate_events", simulate_events, raising=False)
+    dataset = simulate_pretraining_events(["test-pads", "test-pads"], 2, seed=4)
+    assert len(dataset) == 4 and dataset[0].num_nodes == 40 and dataset[3].num_nodes == 50
+    assert not torch.equal(dataset[0].pos, dataset[2].pos)  # geometry g draws from seed + g
