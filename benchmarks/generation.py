@@ -1,5 +1,9 @@
 """Shower generation with the point-diffusion model: quality, geometry adaptation and speed.
 
+Why one module of this length: the quality and adaptation parts share the simulated sets, the
+seeds and the training and evaluation helpers, and the command line runs them in order; split
+apart, one protocol would be read across files.
+
 Three parts, selectable with ``--parts``:
 
 * quality: pretrain objective "diffusion" on simulated ``calochallenge-ds2`` electrons (the
@@ -46,19 +50,19 @@ generation_<config>.json otherwise), a markdown summary beside it (.md) and PNG 
 ``--workdir`` (default ``pcfm_runs/generation_<config>``); a rerun with the same settings reuses
 the quality model found there instead of training it again. Results are rewritten after every
 part.
+
+This file holds the quality and adaptation parts and the command line; the sizes, presets and
+samplers are in ``generation_config.py``, the speed part in ``generation_speed.py``, the plots,
+the report and the target checks in ``generation_report.py``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,139 +71,26 @@ import numpy as np
 import torch
 
 from _common import (RESULTS_DIR, add_config_options, announce, apply_config_options, as_json, device_for, fmt,
-                     log, markdown_table, parse_json_or_text, save_png, write_results)
+                     log, parse_json_or_text, write_results)
+from generation_config import CONFIGS, REPEAT_BELOW_S, SOURCE_GEOMETRY, TARGET_FPD_RATIO, Config, Sampler
+from generation_report import make_plots, report, targets
+from generation_speed import run_speed
 from pcfm.api import pretrain
 from pcfm.data import ShowerDataset
 from pcfm.io import atomic_path
-from pcfm.data.pointcloud import deposit_points
 from pcfm.engine.training import checkpoint_path
 from pcfm.api import evaluate
 from pcfm.api import generate
 from pcfm.nn import count_parameters
 from pcfm.sim import simulate_showers
-from pcfm.tasks.edm import SAMPLERS, network_calls
 from pcfm.tasks.pretrain import PretrainModule
+# read as generation.X by the tests:
+from generation_speed import nice_floor  # noqa: F401
 
-SOURCE_GEOMETRY = "calochallenge-ds2"
 PARTS = ("quality", "adaptation", "speed")
 #: Seeds of the simulated sets: training, reference and "ideal" samples never share one.
 SEED_TRAIN, SEED_REFERENCE, SEED_IDEAL, SEED_CALIBRATION = 1, 2, 3, 4
 SEED_TARGET_REFERENCE, SEED_TARGET_IDEAL, SEED_TARGET_TRAIN = 12, 13, 100
-#: Targets of issue 6 (H100).
-TARGET_AUC = 0.70
-#: Target of issue 12 (CPU configuration): the high-level classifier's AUC on ds2.
-TARGET_HIGH_LEVEL_AUC = 0.80
-TARGET_MS_PER_SHOWER = 2.0
-TARGET_FPD_RATIO = 0.7
-#: Above this multiple of the simulator-vs-simulator FPD, a met FPD-ratio target gets a warning.
-UNUSABLE_FPD_FACTOR = 10.0
-#: A speed measurement is repeated (best of ``speed_repeats`` kept) while one run takes less than this (s).
-REPEAT_BELOW_S = 5.0
-
-
-@dataclass
-class Config:
-    """Every size of a run; ``--config`` picks a preset, options override single fields."""
-
-    model: Any = "tiny"
-    steps: int = 1500
-    train_budget_s: Optional[float] = None
-    batch_points: int = 20_000
-    lr: float = 1e-3
-    n_train: int = 5000
-    energy_range: tuple = (1e3, 1e6)
-    n_reference: int = 400
-    samplers: list = field(default_factory=lambda: ["heun:20:raw", "heun:20", "dpmpp2m:20", "dpmpp2m:12",
-                                                    "dpmpp2m:8"])
-    gen_batch_size: int = 100
-    classifier: bool = True
-    calibration: bool = True
-    energy_transform: Any = None
-    target_geometry: str = "par04-scipb"
-    adapt_n: list = field(default_factory=lambda: [100, 1000])
-    adapt_steps: int = 150
-    adapt_batch_points: int = 20_000
-    adapt_seeds: list = field(default_factory=lambda: [0])
-    n_target_reference: int = 200
-    adapt_sampler: str = "heun:10"
-    speed_samplers: list = field(default_factory=lambda: ["heun:20", "dpmpp2m:20", "dpmpp2m:8"])
-    batch_sizes: list = field(default_factory=lambda: [1, 100, 10_000])
-    batch1_showers: int = 3
-    speed_repeats: int = 3
-    speed_cap_s: float = 90.0
-    speed_devices: list = field(default_factory=lambda: ["cpu"])
-    bf16: bool = False
-    accelerator: str = "cpu"
-    threads: Optional[int] = 1
-
-
-CONFIGS: dict[str, dict] = {
-    # One thread on a 2-core AMD EPYC shared with another benchmark (load 1.7-2), torch-cluster
-    # installed: training 1500 steps 609 s, the five quality rows 668 s, adaptation 414 s, speed
-    # 433 s: 35 minutes in all (2026-11-29).
-    "cpu": {},
-    # H100: the sizes the targets are meant for; accelerator / device "auto". Not run yet. The
-    # training steps fit train_budget_s (from a 30-step calibration, at most `steps`); meant to
-    # fit one GPU session of about 15 minutes, each part under 10 (run --parts one at a time).
-    "gpu": dict(model="small", steps=20_000, train_budget_s=240.0, batch_points=100_000, lr=5e-4, n_train=20_000,
-                n_reference=5000, gen_batch_size=1000, adapt_steps=500, adapt_batch_points=50_000, adapt_seeds=[0],
-                n_target_reference=2000, adapt_sampler="heun:20",
-                speed_samplers=["heun:20", "dpmpp2m:20", "dpmpp2m:12", "dpmpp2m:8"],
-                batch1_showers=20, speed_cap_s=60.0, speed_devices=["cuda", "cpu"], bf16=True, accelerator="auto",
-                threads=None),
-    # the smoke test: seconds, every code path, meaningless numbers.
-    "micro": dict(model={"preset": "tiny", "depth": 1}, steps=3, batch_points=3000, n_train=24,
-                  energy_range=(1e3, 5e3), n_reference=16, samplers=["heun:2:raw", "dpmpp2m:2"], gen_batch_size=8,
-                  adapt_n=[6, 12], adapt_steps=2, adapt_batch_points=3000, n_target_reference=16,
-                  adapt_sampler="dpmpp2m:2", speed_samplers=["heun:2", "dpmpp2m:1"], batch_sizes=[1, 4, 8],
-                  batch1_showers=2, speed_repeats=1, speed_cap_s=30.0),
-}
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """A sampler setting of :func:`pcfm.generate`: ``NAME:STEPS`` on the command line,
-    ``NAME:STEPS:raw`` without the energy calibration (``calibrate_energy=False``)."""
-
-    name: str
-    steps: int
-    calibrated: bool = True
-
-    @classmethod
-    def parse(cls, spec) -> "Sampler":
-        *head, steps = str(spec).split(":")
-        raw = steps == "raw" and len(head) == 2
-        if raw:
-            head, steps = head[:1], head[1]
-        name = head[0] if len(head) == 1 else ("heun" if not head else None)
-        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"a sampler is NAME:STEPS[:raw] with NAME in {SAMPLERS} and STEPS >= 1, got {spec!r}")
-        return cls(name, int(steps), not raw)
-
-    @property
-    def label(self) -> str:
-        return f"{SAMPLER_NAMES[self.name]} {self.steps} steps" + ("" if self.calibrated else ", raw energies")
-
-    @property
-    def slug(self) -> str:
-        return f"{self.name}{self.steps}" + ("" if self.calibrated else "_raw")
-
-    def options(self) -> dict:
-        """:func:`pcfm.generate` keywords (calibration where the model has it, or none)."""
-        return {"steps": self.steps, "sampler": self.name, "calibrate_energy": None if self.calibrated else False}
-
-    def fields(self) -> dict:
-        """What a result row records of the sampler."""
-        return {"sampler": self.name, "sampler_steps": self.steps,
-                "network_calls": network_calls(self.name, self.steps)}
-
-
-def row_sampler(row: dict) -> Sampler:
-    """The sampler a result row was generated with."""
-    return Sampler(row["sampler"], row["sampler_steps"], row.get("energy_calibrated", True))
-
-
-SAMPLER_NAMES = {"heun": "Heun", "stochastic": "stochastic EDM", "dpmpp2m": "DPM-Solver++(2M)"}
 
 
 def knn_backend() -> str:
@@ -426,288 +317,6 @@ def run_adaptation(config: Config, checkpoint: Path, workdir: Path) -> list[dict
                      "meets_target": None if ratio is None else ratio <= TARGET_FPD_RATIO})
         log(f"[adaptation] n {n}: FPD ratio pretrained / scratch = {ratio}")
     return rows
-
-
-# ----------------------------------------------------------------------------- speed
-
-
-def nice_floor(value: float) -> int:
-    """The largest number <= value of the form d * 10^k or dd * 10^k (two significant digits)."""
-    if value < 1:
-        return 0
-    scale = 10 ** max(0, int(math.floor(math.log10(value))) - 1)
-    return int(value // scale * scale)
-
-
-def timed_generate(module, energies: np.ndarray, *, sampler: Sampler, batch_size: int, device: str,
-                   bf16: bool) -> tuple[float, float, float]:
-    """Seconds of one generate call, seconds of depositing its points again, mean points per shower."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:
-        result = generate(module, SOURCE_GEOMETRY, energies, **sampler.options(), batch_size=batch_size,
-                          device=device, seed=0, progress=False)
-    positions = np.concatenate([d.pos.numpy() for d in result.points])
-    energy = np.concatenate([d.energy.numpy() for d in result.points])
-    batch = np.repeat(np.arange(len(result.points)), [d.num_nodes for d in result.points])
-    start = time.perf_counter()
-    deposit_points(positions, energy, batch, len(result.points), SOURCE_GEOMETRY)
-    deposit = time.perf_counter() - start
-    return result.seconds, deposit, float(np.mean([d.num_nodes for d in result.points]))
-
-
-def speed_row(module, energies, *, setting: dict, sampler: Sampler, batch: int, n_showers: int, note: str,
-              repeats: int) -> dict:
-    """Time ``n_showers`` in batches of ``batch`` (best of up to ``repeats`` short runs)."""
-    runs = []
-    while len(runs) < repeats:
-        runs.append(timed_generate(module, energies[:n_showers], sampler=sampler, batch_size=batch,
-                                   device=setting["device"], bf16=setting["precision"] == "bf16"))
-        if runs[-1][0] > REPEAT_BELOW_S:
-            break
-    seconds, deposit, points = min(runs)
-    return {**setting, "batch": batch, "n_showers": n_showers,
-            "repeats": len(runs), "seconds": round(seconds, 4), "showers_per_s": n_showers / seconds,
-            "ms_per_shower": 1000 * seconds / n_showers, "deposit_ms_per_shower": 1000 * deposit / n_showers,
-            "sampling_ms_per_shower": 1000 * (seconds - deposit) / n_showers, "mean_points": points, "note": note}
-
-
-def measure_batch(module, energies, config: Config, setting: dict, sampler: Sampler, batch: int, note: str) -> dict:
-    """One speed row at ``batch`` (halved on GPU out-of-memory, and said so)."""
-    requested = setting["batch_requested"]
-    while True:
-        try:
-            return speed_row(module, energies, setting=setting, sampler=sampler, batch=batch,
-                             n_showers=config.batch1_showers if batch == 1 else batch, note=note,
-                             repeats=config.speed_repeats)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch == 1:
-                return {**setting, "batch": None, "note": "not measured: out of GPU memory at batch 1"}
-            batch //= 2
-            note = f"batch {requested}: out of GPU memory at larger batches; measured at batch {batch}"
-
-
-def time_sampler(module, energies, config: Config, device: str, precision: str, sampler: Sampler) -> list[dict]:
-    """Speed rows of one sampler at every batch size; a batch projected past the cap runs smaller."""
-    label = f"[speed] {device} {precision} {sampler.label}"
-    base = {"part": "speed", "device": device, "precision": precision, **sampler.fields(),
-            "energy_calibrated": sampler.calibrated}
-    try:  # warm-up: allocations, kernels
-        timed_generate(module, energies[:2], sampler=sampler, batch_size=2, device=device, bf16=precision == "bf16")
-    except Exception as exc:  # noqa: BLE001 - a failing setting is a result, not a crash
-        log(f"{label}: failed ({exc})")
-        return [{**base, "note": f"failed: {type(exc).__name__}: {exc}"}]
-    rows, per_shower = [], None
-    for requested in sorted(config.batch_sizes):
-        setting, batch, note = {**base, "batch_requested": requested}, requested, ""
-        if per_shower is not None and per_shower * requested > config.speed_cap_s:
-            projected = per_shower * requested
-            batch = nice_floor(config.speed_cap_s / per_shower)
-            if batch <= max((r.get("batch") or 0 for r in rows), default=0):
-                rows.append({**setting, "batch": None,
-                             "note": f"not measured: batch {requested} would take about {projected:.3g} s > cap "
-                                     f"{config.speed_cap_s:g} s, and no batch between the previous one and "
-                                     f"{requested} fits"})
-                log(f"{label}: batch {requested}: {rows[-1]['note']}")
-                continue
-            note = (f"batch {requested} would take about {projected:.3g} s > cap {config.speed_cap_s:g} s: "
-                    f"measured at batch {batch} instead")
-        rows.append(measure_batch(module, energies, config, setting, sampler, batch, note))
-        row = rows[-1]
-        if row.get("seconds"):
-            per_shower = row["seconds"] / row["n_showers"]
-            log(f"{label}: batch {row['batch']}: {row['showers_per_s']:.1f} showers/s, {row['ms_per_shower']:.2f} "
-                f"ms/shower (deposition {row['deposit_ms_per_shower']:.2f} ms)" + (f" [{note}]" if note else ""))
-    return rows
-
-
-def run_speed(config: Config, checkpoint: Path) -> list[dict]:
-    rng = np.random.default_rng(0)
-    low, high = config.energy_range
-    energies = np.exp(rng.uniform(np.log(low), np.log(high), max(max(config.batch_sizes), config.batch1_showers)))
-    rows = []
-    for device in config.speed_devices:
-        if device == "cuda" and not torch.cuda.is_available():
-            rows.append({"part": "speed", "device": "cuda", "note": "not measured: torch sees no CUDA device"})
-            log("[speed] cuda: not measured, no CUDA device")
-            continue
-        module = PretrainModule.load_from_checkpoint(checkpoint, map_location=device).to(device)
-        precisions = ["fp32"] + (["bf16"] if config.bf16 and device == "cuda" and torch.cuda.is_bf16_supported()
-                                 else [])
-        for precision in precisions:
-            for sampler in map(Sampler.parse, config.speed_samplers):
-                rows += time_sampler(module, energies, config, device, precision, sampler)
-        del module
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
-# ----------------------------------------------------------------------------- plots and report
-
-
-def make_plots(rows: list[dict], plots: Path) -> tuple[list[str], Optional[str]]:
-    """FPD against n for the adaptation arms, showers/s against batch size; PNG files written."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return [], "matplotlib is not installed"
-    written = []
-    adaptation = [r for r in rows if r.get("part") == "adaptation" and r.get("arm") in ("pretrained", "scratch")]
-    if adaptation:
-        fig = Figure(figsize=(5.5, 4))
-        axes = fig.subplots()
-        for arm, colour in (("pretrained", "C0"), ("scratch", "C1")):
-            ns = sorted({r["n"] for r in adaptation if r["arm"] == arm})
-            values = [[r["fpd"] for r in adaptation if r["arm"] == arm and r["n"] == n] for n in ns]
-            means = [np.mean(v) for v in values]
-            spread = np.array([[m - min(v), max(v) - m] for m, v in zip(means, values)]).T
-            axes.errorbar(ns, means, yerr=spread, fmt="o-", color=colour, capsize=3,
-                          label=f"{arm} ({'from ds2' if arm == 'pretrained' else 'random init'})")
-        ideal = [r["fpd"] for r in rows if r.get("part") == "adaptation" and str(r.get("arm")).startswith("ideal")]
-        if ideal:
-            axes.axhline(ideal[0], color="grey", linestyle="--", label="simulator vs simulator")
-        axes.set_xscale("log")
-        axes.set_yscale("log")
-        axes.set_xlabel("target-geometry training showers")
-        axes.set_ylabel("FPD vs target reference")
-        axes.legend()
-        written.append(save_png(fig, plots / "adaptation_fpd.png"))
-    speed = [r for r in rows if r.get("part") == "speed" and r.get("showers_per_s")]
-    if speed:
-        fig = Figure(figsize=(5.5, 4))
-        axes = fig.subplots()
-        for key in sorted({(r["device"], r["precision"], row_sampler(r).slug) for r in speed}):
-            same = [r for r in speed if (r["device"], r["precision"], row_sampler(r).slug) == key]
-            points = sorted((r["batch"], r["showers_per_s"]) for r in same)
-            axes.plot(*zip(*points), "o-", label=f"{key[0]} {key[1]}, {row_sampler(same[0]).label}")
-        axes.set_xscale("log")
-        axes.set_yscale("log")
-        axes.set_xlabel("batch size (showers)")
-        axes.set_ylabel("showers / s")
-        axes.legend(fontsize=8)
-        written.append(save_png(fig, plots / "speed.png"))
-    return written, None
-
-
-QUALITY_COLUMNS = [("sample", "sample", ""), ("showers", "n_generated", "d"), ("AUC low-level", "auc_low_level", ".3f"),
-                   ("AUC high-level", "auc_high_level", ".3f"), ("sep. power mean", "separation_power_mean", ".4f"),
-                   ("sep. power max", "separation_power_max", ".3f"), ("FPD", "fpd", ".4g"), ("KPD", "kpd", ".3g"),
-                   ("gen. s", "generate_seconds", ".1f")]
-ADAPT_COLUMNS = [("arm", "arm", ""), ("n", "n", "d"), ("seed", "seed", "d"), ("FPD", "fpd", ".4g"),
-                 ("AUC low-level", "auc_low_level", ".3f"), ("AUC high-level", "auc_high_level", ".3f"),
-                 ("sep. power mean", "separation_power_mean", ".4f"), ("final loss", "final_loss", ".3f"),
-                 ("train s", "train_seconds", ".0f")]
-RATIO_COLUMNS = [("n", "n", "d"), ("FPD pretrained", "fpd_pretrained_mean", ".4g"),
-                 ("FPD scratch", "fpd_scratch_mean", ".4g"), ("ratio", "fpd_ratio", ".3f"),
-                 ("<= 0.7", "meets_target", "")]
-SPEED_COLUMNS = [("device", "device", ""), ("precision", "precision", ""), ("sampler", "sampler", ""),
-                 ("steps", "sampler_steps", "d"),
-                 ("network calls", "network_calls", "d"), ("batch asked", "batch_requested", "d"),
-                 ("batch run", "batch", "d"), ("showers/s", "showers_per_s", ".3g"),
-                 ("ms/shower", "ms_per_shower", ".3g"),
-                 ("of which deposition ms", "deposit_ms_per_shower", ".3g"), ("points/shower", "mean_points", ".0f")]
-
-
-def speed_setting(row: dict) -> str:
-    """``Heun 20 steps, batch 100`` of a speed row, as far as the row says."""
-    parts = [row_sampler(row).label] if row.get("sampler") else []
-    if row.get("batch_requested"):
-        parts.append(f"batch {row['batch_requested']}")
-    return ", ".join(parts)
-
-
-def report(rows: list[dict], config_name: str, config: Config, command: str, machine: dict, folder: Path) -> str:
-    summary = next((r for r in rows if r.get("part") == "summary"), {})
-    lines = ["## Shower generation (`benchmarks/generation.py`)", "",
-             f"`{command}` — {machine.get('gpu', machine.get('cpu'))}, {machine.get('threads')} threads, "
-             f"torch {machine.get('torch')}, kNN backend {machine.get('knn_backend')}; config `{config_name}`, "
-             f"model {json.dumps(config.model)}; {summary.get('total_wall_s', 0):.0f} s in all.", "",
-             f"Electrons, incident energies log-uniform {config.energy_range[0] / 1e3:g} GeV - "
-             f"{config.energy_range[1] / 1e3:g} GeV, normal incidence; simulated by `pcfm.sim` (no Geant4).", ""]
-    if config_name != "gpu":
-        lines += ["**Not the target configuration (an H100 run of `--config gpu`): these numbers test the "
-                  "script and give CPU figures.**", ""]
-    quality = [r for r in rows if r.get("part") == "quality"]
-    if quality:
-        trained = quality[0]
-        lines += [f"### Quality on {SOURCE_GEOMETRY}", "",
-                  f"Diffusion model trained {trained.get('train_steps')} steps on {config.n_train} showers "
-                  f"({trained.get('train_seconds', 0):.0f} s, loss {fmt(trained.get('first_loss'))} -> "
-                  f"{fmt(trained.get('final_loss'))}); reference and ideal samples: {config.n_reference} showers "
-                  f"each, independent seeds. Target: low-level AUC < {TARGET_AUC}.", "",
-                  markdown_table(quality, QUALITY_COLUMNS), ""]
-        for row in quality:
-            for plot in row.get("plots") or []:
-                lines.append(f"![{Path(plot).stem}]({os.path.relpath(plot, folder)})")
-        lines.append("")
-    adaptation = [r for r in rows if r.get("part") == "adaptation"]
-    if adaptation:
-        lines += [f"### Geometry adaptation {SOURCE_GEOMETRY} -> {config.target_geometry}", "",
-                  f"Both arms: the same n showers, {config.adapt_steps} steps, lr {config.lr:g}, batches of "
-                  f"{config.adapt_batch_points} points; judged on {config.n_target_reference} reference showers, "
-                  f"{Sampler.parse(config.adapt_sampler).label}. FPD is biased upwards at small samples "
-                  f"(the ideal row shows the floor).", "",
-                  markdown_table([r for r in adaptation if r.get("fpd") is not None], ADAPT_COLUMNS), "",
-                  markdown_table([r for r in adaptation if r.get("arm", "").startswith("ratio")], RATIO_COLUMNS), ""]
-    speed = [r for r in rows if r.get("part") == "speed"]
-    if speed:
-        lines += ["### Speed", "",
-                  "Wall time of `pcfm.generate` (sampling, deposition on the ds2 cells, conversion) after a "
-                  f"warm-up; the deposition share measured apart. Best of up to {config.speed_repeats} runs when "
-                  f"a run is shorter than {REPEAT_BELOW_S:g} s. "
-                  f"Target: <= {TARGET_MS_PER_SHOWER} ms/shower at batch 100 on an H100. No distilled sampler "
-                  "exists: every row is a deterministic ODE solver on the trained model.", "",
-                  markdown_table([r for r in speed if r.get("batch")], SPEED_COLUMNS), ""]
-        lines += [f"- {r['device']} {r.get('precision', '')} {speed_setting(r)}: {r['note']}"
-                  for r in speed if r.get("note")]
-        lines.append("")
-    plots = summary.get("plots") or []
-    lines += [f"![{Path(p).stem}]({os.path.relpath(p, folder)})" for p in plots]
-    if summary.get("plots_skipped"):
-        lines.append(f"Plots skipped: {summary['plots_skipped']}.")
-    if summary.get("targets"):
-        lines += ["", "Targets (issue 6, H100):", ""]
-        lines += [f"- {name}: {value}" for name, value in summary["targets"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def targets(rows: list[dict]) -> dict:
-    """Each target with the measured value and whether it is met (None: not measured here)."""
-    out = {}
-    quality = [r for r in rows if r.get("part") == "quality" and r.get("sampler_steps")
-               and r.get("auc_low_level") is not None]
-    if quality:
-        best = min(quality, key=lambda r: r["auc_low_level"])
-        out[f"low-level AUC < {TARGET_AUC}"] = (f"{best['auc_low_level']:.3f} ({row_sampler(best).label}): "
-                                                f"{'met' if best['auc_low_level'] < TARGET_AUC else 'not met'}")
-        high = [r for r in quality if r.get("auc_high_level") is not None]
-        if high:
-            best = min(high, key=lambda r: r["auc_high_level"])
-            met = best["auc_high_level"] < TARGET_HIGH_LEVEL_AUC
-            out[f"high-level AUC < {TARGET_HIGH_LEVEL_AUC} (issue 12)"] = (
-                f"{best['auc_high_level']:.3f} ({row_sampler(best).label}, {best['n_generated']} generated vs "
-                f"{best['n_reference']} reference): {'met' if met else 'not met'}")
-    batch100 = [r for r in rows if r.get("part") == "speed" and r.get("batch") == 100 and r.get("ms_per_shower")]
-    for row in batch100:
-        verdict = "met" if row["ms_per_shower"] <= TARGET_MS_PER_SHOWER else "not met"
-        if row["device"] != "cuda":
-            verdict += " (CPU; the target is for an H100)"
-        sampler = row_sampler(row)
-        out[f"<= {TARGET_MS_PER_SHOWER} ms/shower at batch 100, {row['device']} {row['precision']} "
-            f"{sampler.label} ({row['network_calls']} network calls)"] = f"{row['ms_per_shower']:.3g} ms: {verdict}"
-    floor = [r["fpd"] for r in rows if r.get("part") == "adaptation" and str(r.get("arm")).startswith("ideal")
-             and r.get("fpd")]
-    for row in rows:
-        if row.get("part") == "adaptation" and row.get("fpd_ratio") is not None:
-            verdict = f"{row['fpd_ratio']:.3f}: {'met' if row['meets_target'] else 'not met'}"
-            # A ratio of two bad generators is no evidence of a good one: say how far the better is.
-            if floor and row["fpd_pretrained_mean"] > UNUSABLE_FPD_FACTOR * floor[0]:
-                verdict += (f"; but the pretrained arm's FPD is still {row['fpd_pretrained_mean'] / floor[0]:.0f}x "
-                            f"the simulator-vs-simulator floor: the ratio measures the scratch arm's failure more "
-                            f"than the adapted model's quality")
-            out[f"FPD pretrained / scratch <= {TARGET_FPD_RATIO} at n = {row['n']}"] = verdict
-    return out
 
 
 # ----------------------------------------------------------------------------- command line

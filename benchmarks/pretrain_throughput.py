@@ -39,6 +39,10 @@ of different sizes have different token counts, which is where padding costs.
 
 Output: DIR/pretrain_throughput.json and DIR/pretrain_throughput.md (default
 benchmarks/results/, ``_cpu`` appended to the names for a CPU run).
+
+Why one module of this length: the padded baseline, the batches both arms share, the
+interleaved timing loop and the report are one measurement; a reader checks the ratio by
+reading them together.
 """
 from __future__ import annotations
 

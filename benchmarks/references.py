@@ -26,6 +26,10 @@ import them.
 
 The features live in ``reference_features.py``; this file fits the references and holds the
 command line.
+
+Why one module of this length: the reference fits (with their validation-chosen settings and
+metrics, used by transfer.py) and the standalone command line that reproduces the issue's
+baseline table on the same code; the features live in reference_features.py.
 """
 from __future__ import annotations
 

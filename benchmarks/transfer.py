@@ -46,6 +46,11 @@ continues where it stopped. Runs go to ``--workers`` processes of ``--threads`` 
 This file holds the runs, the plan and the command line; the tasks and sizes are in
 ``transfer_config.py``, the events and splits in ``transfer_data.py``, the aggregation, the
 target checks and the report in ``transfer_report.py``.
+
+Why one module of this length: it is the orchestration only (pretraining, the run jobs and their
+reuse, the learning-rate choice on validation, the worker pool, coverage, the command line);
+configuration, data and report live in transfer_config.py, transfer_data.py and
+transfer_report.py.
 """
 from __future__ import annotations
 

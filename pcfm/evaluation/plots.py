@@ -23,6 +23,10 @@ from both samples. Histogram bins follow the separation power (reference quantil
 outliers counted in the outer bins) over the range of both samples; an energy whose positive
 values span more than two decades is binned and drawn on a log axis, its zeros left out and
 their share written in the panel. Profiles spanning more than a decade get a log y axis.
+
+Why one module of this length: one private function per figure, all sharing the ratio panel,
+the error bars and the histogram edges; split by figure, those helpers would be imported back
+into every file.
 """
 from __future__ import annotations
 

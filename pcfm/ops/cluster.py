@@ -3,7 +3,7 @@
 A batch is PyG-style: the points of all events stacked in one ``[N, D]`` tensor plus a sorted
 ``batch`` vector giving each point's event. Neighbours and centres never cross events.
 
-Two backends compute the same thing:
+Two backends compute the same thing up to ties:
 
 * ``"torch_cluster"``: the compiled torch-cluster extension (fast on CPU thanks to its k-d tree).
   We call it directly because torch-geometric 2.8 routes ``knn_graph``/``fps`` to pyg-lib, which
@@ -15,6 +15,12 @@ Two backends compute the same thing:
 
 ``backend="auto"`` (the default) uses torch-cluster when it is importable (and, for CUDA
 tensors, built with CUDA), the torch fallback otherwise.
+
+What agrees between them: FPS exactly; kNN exactly for points in general position. On cell
+grids many neighbours are equidistant: the torch path takes the smaller index (float64
+distances), torch-cluster's k-d tree takes whichever it meets first and compares in float32, so
+the neighbour sets can differ among tied (or float32-equal) cells, and so do model outputs.
+Each backend is deterministic; a model pins one through ``cluster_backend``.
 
 Why one module of this length: kNN and FPS share the backend choice and the batch checks; each
 op is its public function, its pure-torch version and its torch-cluster call.

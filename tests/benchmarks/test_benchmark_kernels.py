@@ -15,20 +15,26 @@ from tests.benchmark_loader import load_benchmark
 
 bench = load_benchmark("kernels")
 import cluster_ops  # noqa: E402  benchmarks/ is on sys.path now
+import kernels_cases  # noqa: E402
+import kernels_report  # noqa: E402
 
 CPU = torch.device("cpu")
+
+
+def set_sizes(monkeypatch, **sizes):
+    """Set each size in every module of the benchmark that reads it (kernels.py and its siblings)."""
+    for name, value in sizes.items():
+        holders = [module for module in (bench, kernels_cases, kernels_report) if hasattr(module, name)]
+        assert holders, name
+        for module in holders:
+            monkeypatch.setattr(module, name, value)
 
 
 @pytest.fixture
 def toy_sizes(monkeypatch):
     """One small varlen batch, a small graph, narrow heads: the interpreter runs every program in Python."""
-    monkeypatch.setattr(bench, "BATCHES", {"showers": bench.BATCHES["showers"]})
-    monkeypatch.setattr(bench, "HEADS", 2)
-    monkeypatch.setattr(bench, "HEAD_DIM", 16)
-    monkeypatch.setattr(bench, "EDGE_CHANNELS", 32)
-    monkeypatch.setattr(bench, "EDGE_HEADS", 2)
-    monkeypatch.setattr(bench, "EDGE_NODES", 100_000)  # 10 nodes at scale 1e-4
-    monkeypatch.setattr(bench, "EDGE_K", 4)
+    set_sizes(monkeypatch, BATCHES={"showers": bench.BATCHES["showers"]}, HEADS=2, HEAD_DIM=16, EDGE_CHANNELS=32,
+              EDGE_HEADS=2, EDGE_NODES=100_000, EDGE_K=4)  # EDGE_NODES: 10 nodes at scale 1e-4
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy sizes: threads only add synchronisation
     yield
@@ -122,8 +128,7 @@ def test_gpu_plan_runs_every_gpu_row_once_targets_first():
 
 
 def test_batches_are_those_of_the_cluster_benchmark(monkeypatch):
-    monkeypatch.setattr(bench, "HEADS", 1)
-    monkeypatch.setattr(bench, "HEAD_DIM", 1)
+    set_sizes(monkeypatch, HEADS=1, HEAD_DIM=1)
     batch = bench.ragged_batch("showers", bench.Options(device=CPU))
     pos, event = cluster_ops.ragged_batch("showers", CPU)
     assert batch.tokens == 204970 and len(batch.sizes) == 256  # as in benchmarks/RESULTS.md

@@ -317,3 +317,29 @@ def test_knn_ties_on_a_grid_do_not_depend_on_the_batch():
     d = (grid[neighbour] - grid[centre]).square().sum(-1)
     key = d * 1000 + neighbour  # distances are integers here
     assert torch.equal(key, key.sort(dim=1).values)
+
+
+@needs_torch_cluster
+def test_backends_on_detector_cells_agree_on_distances_and_centres_not_on_tie_choices():
+    """What is the same on real cell positions (module docstring): FPS centres exactly, and each
+    query's k neighbour distances up to float32 rounding; which of several equidistant (or
+    float32-equal) cells is taken may differ, so the two backends' model outputs differ."""
+    from torch_geometric.data import Batch
+
+    from pcfm.engine.data import pretraining_item, simulate_pretraining_events
+
+    events = simulate_pretraining_events(["calochallenge-ds2", "lartpc-768"], 3, seed=1, lartpc_points=(300, 800))
+    batch = Batch.from_data_list([pretraining_item(events[i], i) for i in range(len(events))])
+    pos = batch.pos
+    assert fps(pos, batch.batch, ratio=0.25, backend="torch").tolist() == \
+        fps(pos, batch.batch, ratio=0.25, backend="torch_cluster").tolist()
+    k = 16
+    distances = {}
+    for backend in ("torch", "torch_cluster"):
+        query, neighbour = knn(pos, pos, k, batch.batch, batch.batch, backend=backend)
+        assert torch.equal(torch.stack([query, neighbour]), knn(pos, pos, k, batch.batch, batch.batch, backend=backend))
+        assert torch.bincount(query, minlength=len(pos)).tolist() == [k] * len(pos)
+        d = (pos.double()[query] - pos.double()[neighbour]).norm(dim=1)
+        order = np.lexsort((d.numpy(), query.numpy()))
+        distances[backend] = d[order].view(len(pos), k)
+    torch.testing.assert_close(distances["torch"], distances["torch_cluster"], rtol=1e-6, atol=1e-9)
