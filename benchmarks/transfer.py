@@ -166,6 +166,10 @@ class Job:
         return workdir / "runs" / self.task / model_label(config.model) / self.arm / f"n{self.n}_seed{self.seed}{lr}"
 
 
+#: The event-level heads' first layer in every network run (pcfm.finetune's head_norm).
+HEAD_NORM = "batch"
+
+
 def job_settings(job: Job, config: Config) -> dict:
     spec = TASKS[job.task]
     common = {"job": dataclasses.asdict(job), "data": domain_settings(spec.domain, config)}
@@ -178,7 +182,10 @@ def job_settings(job: Job, config: Config) -> dict:
         "mode": "linear" if job.arm == "linear" else "full", "max_steps": steps_for(job.n, config, job.task),
         "batch_points": config.lartpc_batch_points if lartpc else config.batch_points,
         "val_every": config.val_every, "patience": config.patience, "augment": config.augment,
-        "min_steps": min_steps_for(job, config)})
+        "min_steps": min_steps_for(job, config),
+        # event-level heads standardise over the batch (pcfm.finetune's default); runs stored
+        # before that had the LayerNorm head and are not reused. Segmentation's head has neither.
+        **({} if spec.finetune_task == "segmentation" else {"head_norm": HEAD_NORM})})
 
 
 def min_steps_for(job: Job, config: Config) -> int:
@@ -230,6 +237,7 @@ def run_network(job: Job, config: Config, workdir: Path, settings: dict) -> dict
     start = time.perf_counter()
     result = finetune(spec.finetune_task, data=train, checkpoint=checkpoint, model=config.model,
                       mode=settings["mode"], n_labels=None, val_data=val, test_data=test,
+                      **({"head_norm": settings["head_norm"]} if "head_norm" in settings else {}),
                       class_names=spec.class_names, targets=("incident_energy",), max_steps=settings["max_steps"],
                       batch_points=settings["batch_points"], lr=job.lr, augment=config.augment, workdir=folder,
                       resume=False, patience=config.patience, min_steps=settings["min_steps"],

@@ -33,3 +33,13 @@ class DataError(PcfmError, ValueError):
 
 class GeometryError(PcfmError, ValueError):
     """An unknown geometry name or an inconsistent geometry definition."""
+
+
+class ArgumentError(PcfmError, ValueError):
+    """A bad argument value (a count below 1, an energy that is not positive and finite, ...):
+    the message names the argument. A ValueError, as Python's own checks of values are."""
+
+
+class WorkdirInUseError(PcfmError, RuntimeError):
+    """Another run works in the workdir now (its lock is held); the message names it (pid, host,
+    start time)."""

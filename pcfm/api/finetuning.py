@@ -15,10 +15,11 @@ and the training part, of which ``n_labels`` events are kept.
 A run is resumable like pretraining: rerunning :func:`finetune` with the same settings continues
 from ``workdir/checkpoints/last.ckpt`` (a finished run is only tested again). Every checkpoint
 records the run's settings (:data:`RUN_ENTRY`), so a workdir holding another run is never
-resumed by mistake. With validation events, ``workdir/checkpoints/best.ckpt`` keeps the weights
-of the lowest validation loss, and the held-out metrics are those of whichever of the final and
-the best weights validates lower; ``patience`` stops training when the validation loss stops
-improving.
+resumed by mistake; a fresh start deletes the checkpoints and metrics of the run before, and
+one run at a time works in a workdir (:func:`~pcfm.engine.training.hold_workdir`). With
+validation events, ``workdir/checkpoints/best.ckpt`` keeps the weights of the lowest validation
+loss, and the held-out metrics are those of whichever of the final and the best weights
+validates lower; ``patience`` stops training when the validation loss stops improving.
 
 Why one module of this length: the verb (settings, resume, early stopping, testing the best
 weights) and its data module; what differs between tasks is in :mod:`pcfm.finetuning`.
@@ -45,11 +46,13 @@ from pcfm.data import PointBudgetBatchSampler
 from pcfm.io import atomic_path
 from pcfm.engine.data import (PretrainDataModule, PretrainingView, event_sizes,
                               pretraining_item, split_indices)
-from pcfm.engine.training import (CHECKPOINT_DIR, PatientEarlyStopping, checkpoint_path, fit, make_trainer,
-                                  read_history)
-from pcfm.errors import DataError
+from pcfm.engine.training import (CHECKPOINT_DIR, PatientEarlyStopping, check_integer, check_real,
+                                  check_trainer_arguments, checkpoint_path, fit, hold_workdir, make_trainer,
+                                  read_history, read_last_checkpoint, resume_advice, start_afresh)
+from pcfm.errors import ArgumentError, DataError
 from pcfm.nn import Backbone, BackboneConfig
 from pcfm.finetuning import DownstreamTask, FinetuneModule, backbone_state, get_task_class, make_task
+from pcfm.finetuning.task import HEAD_NORMS
 from pcfm.finetuning.classification import balanced_subset  # noqa: F401 - its public home until 0.3
 from pcfm.engine.checkpoints import CheckpointError, read_checkpoint
 
@@ -273,7 +276,7 @@ DIGESTS = {"checkpoint_weights": "SHA-256 of the starting checkpoint's backbone 
 
 def _check_same_run(path: Path, workdir: Path, stored: Optional[Mapping[str, Any]], wanted: Mapping[str, Any]) -> None:
     """Raise a CheckpointError naming ``path`` and the first setting that differs."""
-    advice = f"pass resume=False to start afresh in {workdir} (its checkpoints are deleted) or use another workdir"
+    advice = resume_advice(workdir)
     if stored is None:
         raise CheckpointError(path, f"holds no record of a fine-tuning run's settings (a pretraining checkpoint, "
                                     f"or one written before fine-tuning was resumable); {advice}")
@@ -290,6 +293,7 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
              targets: Sequence[str] = ("incident_energy",), test_fraction: float = 0.2, test_data: Any = None,
              val_fraction: float = 0.1, val_data: Any = None, class_names: Optional[Sequence[str]] = None,
              max_steps: int = 500, batch_points: int = 20_000, lr: float = 5e-4, backbone_lr_scale: float = 0.1,
+             head_norm: str = "batch",
              warmup_steps: Optional[int] = None, weight_decay: float = 0.05, augment: bool = True,
              workdir: str | os.PathLike = "pcfm_runs/finetune", resume: bool = True, patience: Optional[int] = None,
              min_steps: int = 0, seed: int = 0, accelerator: str = "auto",
@@ -316,29 +320,37 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
             segmentation), or with files a name overriding the file's.
         n_events: simulated events (``data=None``).
         targets: regression targets among "incident_energy" (predicted as log E) and "theta".
-        test_fraction: share of labelled events held out for the test metrics.
+        test_fraction: share of labelled events held out for the test metrics, in [0, 1).
         test_data: a separate labelled test set (files / globs / folders, a list of ``Data`` or a
             dataset) instead: every usable event of it is tested and all of ``data`` is used for
             training and validation (``test_fraction`` is ignored). It is not part of the run's
             settings: a finished run can be tested again on other events.
-        val_fraction: share of the remaining events used for the validation loss (0: none).
+        val_fraction: share of the remaining events used for the validation loss, in [0, 1) (0: none).
         val_data: a separate labelled validation set instead (as ``test_data``); ``val_fraction``
             is ignored. Like ``test_data`` it is not part of the run's settings.
         class_names: classification only: the names of the classes of ``y`` (default: the
             particle classes electron, photon, pion); ``y`` counts from 0 in this order.
-        max_steps: optimiser steps. batch_points: point budget of a batch.
-        lr: head learning rate. backbone_lr_scale: backbone lr / lr in "layerwise" mode.
-        warmup_steps: linear warm-up (default ``min(50, max_steps // 10)``). weight_decay: AdamW's.
+        max_steps: optimiser steps (>= 1). batch_points: point budget of a batch (>= 1).
+        lr: head learning rate (> 0). backbone_lr_scale: backbone lr / lr in "layerwise" mode (>= 0).
+        head_norm: how an event-level head (classification, regression) normalises the pooled
+            embedding: "batch" (default: each channel standardised over the batch's events, which
+            keeps a from-scratch backbone from collapsing to one embedding in its first steps:
+            :class:`~pcfm.finetuning.task.BatchStandardize`) or "layer" (LayerNorm per event, the
+            head of pcfm 0.1).
+        warmup_steps: linear warm-up (>= 0; default ``min(50, max_steps // 10)``). weight_decay:
+            AdamW's (>= 0).
         augment: train on each event in a random symmetry of its detector (rotations about a
             calorimeter's axis by whole angular bins and a reflection; reflections and axis swaps of
             a LArTPC volume: :func:`pcfm.data.augment.augment_by_symmetry`).
         workdir: folder of the checkpoints (``checkpoints/last.ckpt``, ``checkpoints/best.ckpt``),
-            logs and ``metrics.json``.
+            logs and ``metrics.json``; one run at a time: it is locked while this run works there.
         resume: continue from ``workdir/checkpoints/last.ckpt`` when it exists (a finished run
             is only tested again); its recorded settings (task, mode, n_labels, seed, the
             starting checkpoint's weights, backbone, data options and split, schedule, patience,
             ...) must equal these (data files are compared by the events they hold, not by
-            path). False deletes the workdir's checkpoints and starts afresh.
+            path). False starts afresh: it first deletes the workdir's checkpoints and
+            ``metrics.json`` (the old CSV logs stay, no longer part of the run), so that a crash
+            of the new run cannot leave the old one to be resumed or its metrics to be read.
         patience: stop after this many validations in a row without a lower ``val/loss``
             (Lightning's EarlyStopping); None: train ``max_steps``. Needs validation events.
         min_steps: with ``patience``, no stop before this step (validations before it count for
@@ -358,128 +370,144 @@ def finetune(task: str, data: Any = None, *, checkpoint: Any = None,
         early stopping: ``best.ckpt``); ``training`` says which.
 
     Raises:
+        ArgumentError: a numeric argument out of its range (a ValueError naming it and the
+            value), before any work.
+        WorkdirInUseError: another run works in ``workdir`` now (the message names its pid,
+            host and start time).
         CheckpointError: with ``resume``, ``last.ckpt`` is corrupt, or belongs to another run
-            (the message names it and the first differing setting).
-        ValueError: ``patience`` without validation events, or below 1.
+            (the message names it and the first differing setting, and says that
+            ``resume=False`` starts afresh).
+        ValueError: ``patience`` without validation events.
     """
-    if patience is not None and patience < 1:
-        raise ValueError(f"patience must be >= 1 validations (or None), got {patience}")
-    if not 0 <= min_steps <= max_steps:
-        raise ValueError(f"min_steps must be between 0 and max_steps={max_steps}, got {min_steps}")
-    if checkpoint_every_n_steps < 1:
-        raise ValueError(f"checkpoint_every_n_steps must be >= 1, got {checkpoint_every_n_steps}")
+    check_trainer_arguments(max_steps=max_steps, batch_points=batch_points, lr=lr, warmup_steps=warmup_steps,
+                            weight_decay=weight_decay, val_fraction=val_fraction, n_events=n_events,
+                            num_workers=num_workers, seed=seed, log_every_n_steps=log_every_n_steps,
+                            checkpoint_every_n_steps=checkpoint_every_n_steps, val_every_n_steps=val_every_n_steps)
+    check_integer("n_labels", n_labels, 1, optional=True)
+    check_real("test_fraction", test_fraction, 0.0, 1.0)
+    check_real("backbone_lr_scale", backbone_lr_scale)
+    if head_norm not in HEAD_NORMS:
+        raise ArgumentError(f"head_norm must be one of {list(HEAD_NORMS)}, got {head_norm!r}")
+    check_integer("patience", patience, 1, optional=True)
+    check_integer("min_steps", min_steps, 0)
+    if min_steps > max_steps:
+        raise ArgumentError(f"min_steps must be between 0 and max_steps={max_steps}, got {min_steps}")
     task_options = get_task_class(task).OPTIONS  # an unknown task fails here, before any work
-    config, weights = pretrained_backbone(checkpoint, model)
-    if warmup_steps is None:
-        warmup_steps = min(50, max_steps // 10)
-    val_every = val_every_n_steps or checkpoint_every_n_steps
     workdir = Path(workdir)
-    L.seed_everything(seed, workers=True, verbose=False)
-    datamodule = FinetuneDataModule(data, task=task, targets=targets, n_labels=n_labels,
-                                    test_fraction=test_fraction, test_data=test_data, val_data=val_data,
-                                    geometry=geometry,
-                                    n_events=n_events,
-                                    val_fraction=val_fraction, batch_points=batch_points, num_workers=num_workers,
-                                    seed=seed, **dict(data_options or {}))
-    datamodule.setup("fit")
-    validating = len(datamodule.val_dataset) > 0
-    if patience is not None and not validating:
-        raise ValueError(f"patience={patience} stops on the validation loss, but there are no validation events "
-                         f"(val_fraction={val_fraction}); give val_fraction > 0, val_data or patience=None")
-    separate_test = test_data is not None
-    names = ("train", "val") if separate_test else ("train", "val", "test")
-    parts = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)[:len(names)]
-    sizes = (datamodule._train_sizes, datamodule._val_sizes, datamodule._test_sizes)[:len(names)]
-    settings = _plain({
-        "task": task, "mode": mode, "n_labels": n_labels, "seed": seed,
-        "checkpoint_weights": None if weights is None else _digest(sorted(weights.items())),
-        "backbone": config.to_dict(), "targets": list(targets) if "targets" in task_options else None,
-        "geometry": geometry, "n_events": n_events if data is None else None,
-        "data_options": dict(data_options or {}), "test_fraction": None if separate_test else test_fraction,
-        "val_fraction": None if val_data is not None else val_fraction, "val_data": val_data is not None,
-        "class_names": None if class_names is None else list(class_names),
-        "split": _digest([(name, np.asarray(part.indices)) for name, part in zip(names, parts)]
-                         + [(f"{name}_sizes", np.asarray(size)) for name, size in zip(names, sizes)]),
-        "max_steps": max_steps, "batch_points": batch_points, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "augment": augment,
-        "val_every_n_steps": val_every if validating else None, "patience": patience,
-        **({"min_steps": min_steps} if min_steps and patience is not None else {}),  # runs from before it match
-    })
+    records = (f"{CHECKPOINT_DIR}/{BEST_CHECKPOINT}", METRICS_FILE)
+    with hold_workdir(workdir, records):
+        config, weights = pretrained_backbone(checkpoint, model)
+        if warmup_steps is None:
+            warmup_steps = min(50, max_steps // 10)
+        val_every = val_every_n_steps or checkpoint_every_n_steps
+        L.seed_everything(seed, workers=True, verbose=False)
+        datamodule = FinetuneDataModule(data, task=task, targets=targets, n_labels=n_labels,
+                                        test_fraction=test_fraction, test_data=test_data, val_data=val_data,
+                                        geometry=geometry,
+                                        n_events=n_events,
+                                        val_fraction=val_fraction, batch_points=batch_points, num_workers=num_workers,
+                                        seed=seed, **dict(data_options or {}))
+        datamodule.setup("fit")
+        validating = len(datamodule.val_dataset) > 0
+        if patience is not None and not validating:
+            raise ValueError(f"patience={patience} stops on the validation loss, but there are no validation events "
+                             f"(val_fraction={val_fraction}); give val_fraction > 0, val_data or patience=None")
+        separate_test = test_data is not None
+        names = ("train", "val") if separate_test else ("train", "val", "test")
+        parts = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)[:len(names)]
+        sizes = (datamodule._train_sizes, datamodule._val_sizes, datamodule._test_sizes)[:len(names)]
+        settings = _plain({
+            "task": task, "mode": mode, "n_labels": n_labels, "seed": seed,
+            "checkpoint_weights": None if weights is None else _digest(sorted(weights.items())),
+            "backbone": config.to_dict(), "targets": list(targets) if "targets" in task_options else None,
+            "geometry": geometry, "n_events": n_events if data is None else None,
+            "data_options": dict(data_options or {}), "test_fraction": None if separate_test else test_fraction,
+            "val_fraction": None if val_data is not None else val_fraction, "val_data": val_data is not None,
+            "class_names": None if class_names is None else list(class_names),
+            "split": _digest([(name, np.asarray(part.indices)) for name, part in zip(names, parts)]
+                             + [(f"{name}_sizes", np.asarray(size)) for name, size in zip(names, sizes)]),
+            "max_steps": max_steps, "batch_points": batch_points, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+            **({"head_norm": head_norm} if head_norm != "layer" else {}),  # runs from before it match
+            "warmup_steps": warmup_steps, "weight_decay": weight_decay, "augment": augment,
+            "val_every_n_steps": val_every if validating else None, "patience": patience,
+            **({"min_steps": min_steps} if min_steps and patience is not None else {}),  # runs from before it match
+        })
 
-    last, best = checkpoint_path(workdir), workdir / CHECKPOINT_DIR / BEST_CHECKPOINT
-    stored = None
-    if resume and last.is_file():
-        stored = read_checkpoint(last)
-        _check_same_run(last, workdir, (stored.get(RUN_ENTRY) or {}).get("settings"), settings)
-    else:  # a fresh start: no checkpoint of an earlier run may be resumed or tested
-        for path in (last, best):
-            path.unlink(missing_ok=True)
-    finished = stored is not None and bool(stored[RUN_ENTRY]["finished"])
+        last, best = checkpoint_path(workdir), workdir / CHECKPOINT_DIR / BEST_CHECKPOINT
+        stored = None
+        if resume and last.exists():
+            stored = read_last_checkpoint(workdir)
+            _check_same_run(last, workdir, (stored.get(RUN_ENTRY) or {}).get("settings"), settings)
+        else:  # a fresh start: no checkpoint or metrics of an earlier run may be resumed or read
+            start_afresh(workdir, records)
+        finished = stored is not None and bool(stored[RUN_ENTRY]["finished"])
 
-    module = FinetuneModule(config, task=task, mode=mode, targets=targets, lr=lr,
-                            backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
-                            warmup_steps=warmup_steps, max_steps=max_steps, augment=augment, augment_seed=seed,
-                            class_names=class_names, **module_options(datamodule.fit_options()))
-    if weights is not None:
-        module.backbone.load_state_dict(weights)
-    run_callbacks: list[L.Callback] = [FinetuneRun(settings, max_steps)]
-    if validating:
-        run_callbacks.append(ModelCheckpoint(dirpath=best.parent, filename=best.stem, monitor="val/loss", mode="min",
-                                             save_top_k=1, auto_insert_metric_name=False,
-                                             enable_version_counter=False))
-        if patience is not None:
-            run_callbacks.append(PatientEarlyStopping(min_steps, monitor="val/loss", mode="min", patience=patience,
-                                                      check_on_train_epoch_end=False))
-    trainer = make_trainer(workdir, max_steps=max_steps, accelerator=accelerator, devices=devices,
-                           precision=precision, log_every_n_steps=log_every_n_steps,
-                           checkpoint_every_n_steps=checkpoint_every_n_steps, val_every_n_steps=val_every,
-                           callbacks=[*run_callbacks, *(callbacks or [])], progress=progress,
-                           deterministic=deterministic, logger=not finished, progress_label=f"finetune {task}")
-    if finished:  # nothing left to train: test it again
-        module.load_state_dict(stored["state_dict"])
-        steps = int(stored["global_step"])
-    else:
-        fit(trainer, module, datamodule, resume=resume, checkpoint=stored)
-        steps = int(trainer.global_step)
-    resumed_from = None if stored is None else int(stored["global_step"])
-    del stored
+        module = FinetuneModule(config, task=task, mode=mode, targets=targets, lr=lr,
+                                backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
+                                warmup_steps=warmup_steps, max_steps=max_steps, augment=augment, augment_seed=seed,
+                                class_names=class_names, head_norm=head_norm,
+                                **module_options(datamodule.fit_options()))
+        if weights is not None:
+            module.backbone.load_state_dict(weights)
+        run_callbacks: list[L.Callback] = [FinetuneRun(settings, max_steps)]
+        if validating:
+            run_callbacks.append(ModelCheckpoint(dirpath=best.parent, filename=best.stem, monitor="val/loss",
+                                                 mode="min", save_top_k=1, auto_insert_metric_name=False,
+                                                 enable_version_counter=False))
+            if patience is not None:
+                run_callbacks.append(PatientEarlyStopping(min_steps, monitor="val/loss", mode="min", patience=patience,
+                                                          check_on_train_epoch_end=False))
+        trainer = make_trainer(workdir, max_steps=max_steps, accelerator=accelerator, devices=devices,
+                               precision=precision, log_every_n_steps=log_every_n_steps,
+                               checkpoint_every_n_steps=checkpoint_every_n_steps, val_every_n_steps=val_every,
+                               callbacks=[*run_callbacks, *(callbacks or [])], progress=progress,
+                               deterministic=deterministic, logger=not finished, progress_label=f"finetune {task}")
+        if finished:  # nothing left to train: test it again
+            module.load_state_dict(stored["state_dict"])
+            steps = int(stored["global_step"])
+        else:
+            fit(trainer, module, datamodule, resume=resume, checkpoint=stored)
+            steps = int(trainer.global_step)
+        resumed_from = None if stored is None else int(stored["global_step"])
+        del stored
 
-    # Testing, and choosing the weights to test, stays out of the training log.
-    evaluator = trainer if finished else make_trainer(workdir, max_steps=max_steps, accelerator=accelerator,
-                                                      devices=devices, precision=precision, progress=False,
-                                                      logger=False)
-    tested, tested_step, val_losses = last, steps, {}
-    if validating:
-        def validate() -> float:
-            return float(evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+        # Testing, and choosing the weights to test, stays out of the training log.
+        evaluator = trainer if finished else make_trainer(workdir, max_steps=max_steps, accelerator=accelerator,
+                                                          devices=devices, precision=precision, progress=False,
+                                                          logger=False)
+        tested, tested_step, val_losses = last, steps, {}
+        if validating:
+            def validate() -> float:
+                return float(evaluator.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
 
-        val_losses["last"] = validate()
-        if best.is_file():
-            final = {key: value.detach().clone() for key, value in module.state_dict().items()}
-            best_checkpoint = read_checkpoint(best)
-            module.load_state_dict(best_checkpoint["state_dict"])
-            val_losses["best"] = validate()
-            if val_losses["best"] <= val_losses["last"]:
-                tested, tested_step = best, int(best_checkpoint["global_step"])
-            else:
-                module.load_state_dict(final)
-    training = {"steps": steps, "max_steps": max_steps, "stopped_early": steps < max_steps, "patience": patience,
-                "min_steps": min_steps,
-                "resumed_from_step": resumed_from, "val_loss": val_losses,
-                "best_val_loss": min(val_losses.values()) if val_losses else None,
-                "tested_checkpoint": str(tested), "tested_step": tested_step}
+            val_losses["last"] = validate()
+            if best.is_file():
+                final = {key: value.detach().clone() for key, value in module.state_dict().items()}
+                best_checkpoint = read_checkpoint(best)
+                module.load_state_dict(best_checkpoint["state_dict"])
+                val_losses["best"] = validate()
+                if val_losses["best"] <= val_losses["last"]:
+                    tested, tested_step = best, int(best_checkpoint["global_step"])
+                else:
+                    module.load_state_dict(final)
+        training = {"steps": steps, "max_steps": max_steps, "stopped_early": steps < max_steps, "patience": patience,
+                    "min_steps": min_steps,
+                    "resumed_from_step": resumed_from, "val_loss": val_losses,
+                    "best_val_loss": min(val_losses.values()) if val_losses else None,
+                    "tested_checkpoint": str(tested), "tested_step": tested_step}
 
-    batches = evaluator.predict(module, dataloaders=datamodule.test_dataloader())
-    prediction, truth = (torch.cat([batch[key] for batch in batches]).numpy() for key in ("prediction", "truth"))
-    metrics = module.task.metrics(prediction, truth)
-    metrics.update(n_train=len(datamodule.train_dataset), n_test=len(datamodule.test_dataset))
-    record = {"task": task, "mode": mode, "n_labels": n_labels, "targets": list(targets) if "targets" in task_options
-              else None, "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
-              "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed,
-              "test_set": "test_data" if separate_test else f"{test_fraction:g} of data", "metrics": metrics,
-              "training": training}
-    metrics_path = workdir / METRICS_FILE
-    with atomic_path(metrics_path) as temporary:
-        temporary.write_text(json.dumps(record, indent=2, allow_nan=True))
-    return FinetuneResult(module=module, metrics=metrics, metrics_path=metrics_path, checkpoint_path=last,
-                          history=read_history(workdir), tested_checkpoint=tested, training=training)
+        batches = evaluator.predict(module, dataloaders=datamodule.test_dataloader())
+        prediction, truth = (torch.cat([batch[key] for batch in batches]).numpy() for key in ("prediction", "truth"))
+        metrics = module.task.metrics(prediction, truth)
+        metrics.update(n_train=len(datamodule.train_dataset), n_test=len(datamodule.test_dataset))
+        record = {"task": task, "mode": mode, "n_labels": n_labels,
+                  "targets": list(targets) if "targets" in task_options else None,
+                  "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
+                  "backbone": config.to_dict(), "max_steps": max_steps, "seed": seed,
+                  "test_set": "test_data" if separate_test else f"{test_fraction:g} of data", "metrics": metrics,
+                  "training": training}
+        metrics_path = workdir / METRICS_FILE
+        with atomic_path(metrics_path) as temporary:
+            temporary.write_text(json.dumps(record, indent=2, allow_nan=True))
+        return FinetuneResult(module=module, metrics=metrics, metrics_path=metrics_path, checkpoint_path=last,
+                              history=read_history(workdir), tested_checkpoint=tested, training=training)

@@ -30,7 +30,8 @@ from pcfm import geometry as geometries
 from pcfm.data.calochallenge import write_calochallenge
 from pcfm.data.events import CaloShowers
 from pcfm.data.pointcloud import cloud_to_data, deposit_points
-from pcfm.errors import PcfmError
+from pcfm.data.calochallenge import MAX_ENERGY_MEV
+from pcfm.errors import ArgumentError, PcfmError
 from pcfm.tasks.diffusion import PointDiffusion
 from pcfm.tasks.pretrain import CheckpointError, PretrainModule
 
@@ -85,8 +86,28 @@ def _per_shower(value, n: int, name: str, dtype) -> np.ndarray:
     if values.ndim == 0:
         return np.full(n, values, dtype=dtype)
     if values.shape != (n,):
-        raise ValueError(f"{name} must be one value or one per shower ({n}), got shape {values.shape}")
+        raise ArgumentError(f"{name} must be one value or one per shower ({n}), got shape {values.shape}")
     return values
+
+
+def _check_arguments(energies: np.ndarray, theta: np.ndarray, phi: np.ndarray, steps, batch_size) -> None:
+    """Refuse bad requests before the checkpoint is loaded, naming the argument and the shower."""
+    if energies.size == 0:
+        raise ArgumentError("energies: give at least one incident energy")
+    bad = np.flatnonzero(~(np.isfinite(energies) & (energies > 0) & (energies <= MAX_ENERGY_MEV)))
+    if bad.size:
+        raise ArgumentError(f"energies: incident energies must be positive, finite and at most {MAX_ENERGY_MEV:.0e} "
+                            f"MeV; shower {bad[0]} has {energies[bad[0]]}")
+    bad = np.flatnonzero(~((theta > 0) & (theta < np.pi)))
+    if bad.size:
+        raise ArgumentError(f"theta must lie in (0, pi) radians (pi/2 is normal incidence); shower {bad[0]} has "
+                            f"{float(theta[bad[0]])}")
+    bad = np.flatnonzero(~np.isfinite(phi))
+    if bad.size:
+        raise ArgumentError(f"phi must be finite (radians); shower {bad[0]} has {float(phi[bad[0]])}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ArgumentError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, energies, *,
@@ -123,24 +144,24 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
             existed do not); True: always (an error without the fit); False: never.
 
     Showers that still deposit nothing in any cell after the redraws (an untrained model, a
-    model of another geometry) give a warning, or a :class:`~pcfm.errors.PcfmError` naming
-    ``out`` when writing: a CaloChallenge file holds no empty showers.
+    model of another geometry), or whose cells all fall under the threshold once calibrated,
+    give a warning naming them, or a :class:`~pcfm.errors.PcfmError` when writing ``out`` (a
+    CaloChallenge file holds no empty showers; nothing is written).
+
+    Raises:
+        ArgumentError (a ValueError): energies not in (0, 1e7] MeV (none at all, NaN, inf),
+        theta outside (0, pi), phi not finite, steps or batch_size below 1, n_points below 1,
+        per-shower values of the wrong length; checked before the checkpoint is loaded.
     """
     energies = np.asarray(energies, dtype=np.float64).reshape(-1)
-    if energies.size == 0:
-        raise ValueError("give at least one incident energy")
-    bad = np.flatnonzero(~(np.isfinite(energies) & (energies > 0)))
-    if bad.size:
-        raise ValueError(f"incident energies must be positive and finite (MeV); shower {bad[0]} has {energies[bad[0]]}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    geometry = geometries.get(geometry)
-    if out is not None and geometry.kind != "calorimeter":
-        raise ValueError(f"out= writes CaloChallenge files, which need a calorimeter geometry; "
-                         f"{geometry.name!r} is a {geometry.kind}")
     n = energies.size
     theta = _per_shower(theta, n, "theta", np.float32)
     phi = _per_shower(phi, n, "phi", np.float32)
+    _check_arguments(energies, theta, phi, steps, batch_size)
+    geometry = geometries.get(geometry)
+    if out is not None and geometry.kind != "calorimeter":
+        raise ArgumentError(f"out= writes CaloChallenge files, which need a calorimeter geometry; "
+                            f"{geometry.name!r} is a {geometry.kind}")
     particle = None if particle is None else _per_shower(particle, n, "particle", np.int64)
 
     device = _device(device)
@@ -158,7 +179,8 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
         n_points = diffusion.sample_n_points(energies, geometry.name, count_generator).numpy()
     n_points = _per_shower(n_points, n, "n_points", np.int64)
     if np.any(n_points < 1):
-        raise ValueError("every shower needs n_points >= 1")
+        raise ArgumentError(f"n_points: every shower needs at least 1 point; shower {int(np.argmax(n_points < 1))} "
+                            f"has {int(n_points.min())}")
     if calibrate_energy is None:
         calibrate_energy = diffusion.has_visible_energy_model(geometry.name)
     visible_energy = None
@@ -192,16 +214,20 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
                 for i, cloud in zip(empty, sample(empty, "empty showers drawn again")):
                     clouds[i] = cloud
             if empty.size:
-                problem = (f"{empty.size} of {n} generated showers (first: shower {int(empty[0])}) deposit nothing in "
-                           f"any cell of {geometry.name} after {EMPTY_SHOWER_RETRIES} redraws: their points fall "
-                           f"outside the cells or under the readout threshold. Is the model trained (on this "
-                           f"geometry)?")
-                if out is not None:
-                    raise PcfmError(f"{out}: not written: {problem}")
-                warnings.warn(problem, stacklevel=2)
+                _empty_showers(empty, energies, geometry, out,
+                               f"the model generated no cell above it, even after {EMPTY_SHOWER_RETRIES} redraws (its "
+                               f"points fall outside the cells or under the threshold). Is the model trained (on "
+                               f"this geometry)?")
             if visible_energy is not None:  # rescale to the drawn totals of the cells, deposit again
                 _rescale(clouds, visible_energy, cells.sum(1))
                 cells, energy_outside = _deposit(clouds, geometry)
+                emptied = np.setdiff1d(np.flatnonzero(~(cells > 0).any(1)), empty)
+                if emptied.size:
+                    k = int(emptied[0])
+                    _empty_showers(emptied, energies, geometry, out,
+                                   f"once rescaled to the visible energy drawn for it ({visible_energy[k]:.4g} MeV), "
+                                   f"every cell the model generated falls under it; calibrate_energy=False keeps the "
+                                   f"sampled totals.")
             showers = CaloShowers(energies.astype(np.float32), cells, geometry.name, theta=theta, phi=phi,
                                   particle=particle)
         elif visible_energy is not None:
@@ -218,6 +244,21 @@ def generate(checkpoint: Union[str, os.PathLike, PretrainModule], geometry, ener
         write_calochallenge(path, showers)
     return GeneratedShowers(points=points, showers=showers, energy_outside=energy_outside, seconds=seconds, path=path,
                             energy_calibrated=bool(calibrate_energy))
+
+
+def _empty_showers(empty: np.ndarray, energies: np.ndarray, geometry, out, why: str) -> None:
+    """Name the showers the model left without any cell above threshold: a PcfmError when
+    writing ``out`` (a CaloChallenge file holds no empty shower), a warning otherwise."""
+    first = int(empty[0])
+    shown = ", ".join(str(int(i)) for i in empty[1:6]) + (", ..." if empty.size > 6 else "")
+    others = (f" and {empty.size - 1} more of the {energies.size} (shower{'s' if empty.size > 2 else ''} {shown})"
+              if empty.size > 1 else "")
+    have = "have" if empty.size > 1 else "has"
+    problem = (f"generated shower {first} (incident energy {energies[first]:.6g} MeV){others} {have} no cell above the "
+               f"readout threshold of {geometry.name} ({geometry.readout_threshold_mev:g} MeV): {why}")
+    if out is not None:
+        raise PcfmError(f"{problem} Nothing was written to {out}.")
+    warnings.warn(problem, stacklevel=3)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 ``pcfm.pretrain()`` with no argument pretrains the tiny backbone by masked point modelling on
 showers simulated on the fly (CaloChallenge dataset-2 geometry) and writes checkpoints and logs
-to ``pcfm_runs/pretrain``; run it again and it resumes where it stopped.
+to ``pcfm_runs/pretrain``; run it again and it resumes where it stopped. One run at a time works
+in a workdir (a second one fails at once, naming the first), and ``resume=False`` deletes the
+checkpoints of the run before, so that nothing of it can be resumed after a crash of the new one.
 
 ``pcfm.pretrain(..., init_from=checkpoint)`` starts a new run from the weights of another one
 (adapting a model to a new geometry, say): every parameter and buffer of the checkpoint whose
@@ -19,7 +21,8 @@ from typing import Any, Mapping, Optional, Sequence
 import lightning as L
 
 from pcfm.engine.data import PretrainDataModule
-from pcfm.engine.training import checkpoint_path, fit, make_trainer, read_history
+from pcfm.engine.training import (check_real, check_trainer_arguments, checkpoint_path, fit,
+                                  hold_workdir, make_trainer, read_history)
 from pcfm.nn import BACKBONE_PRESETS, BackboneConfig
 from pcfm.tasks.pretrain import CheckpointError, PretrainModule, read_checkpoint
 
@@ -174,20 +177,24 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
         model: backbone preset ("tiny", "small", "base"), a BackboneConfig, or a dict
             ``{"preset": "small", "depth": 8, ...}`` of overrides; None: the backbone of
             ``init_from``, else "tiny".
-        max_steps: optimiser steps; the learning-rate schedule ends here.
-        batch_points: point budget of a batch (events are packed up to it).
-        lr: peak AdamW learning rate.
-        warmup_steps: linear warm-up steps (default ``min(100, max_steps // 10)``).
-        weight_decay: AdamW weight decay on weight matrices.
-        mask_ratio: share of tokens masked by "mpm" (default its own, 0.6).
+        max_steps: optimiser steps (>= 1); the learning-rate schedule ends here.
+        batch_points: point budget of a batch (events are packed up to it; >= 1).
+        lr: peak AdamW learning rate (> 0).
+        warmup_steps: linear warm-up steps (>= 0; default ``min(100, max_steps // 10)``).
+        weight_decay: AdamW weight decay on weight matrices (>= 0).
+        mask_ratio: share of tokens masked by "mpm", in (0, 1) (default its own, 0.6).
         objective_options: objective name -> constructor keywords, e.g.
             ``{"mpm": {"decoder_depth": 1, "energy_weighted_chamfer": True}}``; with
             ``init_from``, they update the checkpoint's options of the objectives it holds.
         n_events: simulated events per geometry (``data=None`` only).
-        val_fraction: share of events held out for validation (0: none).
-        workdir: folder of checkpoints (``checkpoints/last.ckpt``) and CSV logs (``logs/``).
+        val_fraction: share of events held out for validation, in [0, 1) (0: none).
+        workdir: folder of checkpoints (``checkpoints/last.ckpt``) and CSV logs (``logs/``);
+            one run at a time: it is locked while this run works there
+            (:func:`~pcfm.engine.training.hold_workdir`).
         resume: continue from ``workdir/checkpoints/last.ckpt`` when it exists; False starts
-            afresh (and overwrites it).
+            afresh: it first deletes the workdir's checkpoints (the old CSV logs stay, but are
+            no longer part of the run), so that a crash of the new run cannot leave the old
+            one to be resumed.
         accelerator, devices, strategy: as in Lightning ("cpu", "gpu", 2, "ddp", ...); DDP gets
             ``find_unused_parameters=True``.
         precision: None: bf16 mixed precision on a GPU, fp32 on CPU.
@@ -213,49 +220,61 @@ def pretrain(objective: str | Sequence[str] | Mapping[str, float] = "mpm", data:
         :class:`PretrainResult`.
 
     Raises:
-        CheckpointError: ``last.ckpt`` is corrupt, or belongs to another model (with ``resume``);
-            ``init_from`` is unreadable or does not fit the model (the message names it and the
-            first parameter whose shape differs).
+        ArgumentError: a numeric argument out of its range (a ValueError naming it and the
+            value), before any work.
+        WorkdirInUseError: another run works in ``workdir`` now (the message names its pid,
+            host and start time).
+        CheckpointError: ``last.ckpt`` is corrupt, or belongs to another model (with ``resume``;
+            the message says that ``resume=False`` starts afresh); ``init_from`` is unreadable
+            or does not fit the model (the message names it and the first parameter whose shape
+            differs).
         TrainingDivergedError: a loss became NaN or infinite (the message names the step,
             the term and the batch).
     """
+    check_trainer_arguments(max_steps=max_steps, batch_points=batch_points, lr=lr, warmup_steps=warmup_steps,
+                            weight_decay=weight_decay, val_fraction=val_fraction, n_events=n_events,
+                            num_workers=num_workers, seed=seed, log_every_n_steps=log_every_n_steps,
+                            checkpoint_every_n_steps=checkpoint_every_n_steps, val_every_n_steps=val_every_n_steps,
+                            gradient_clip_val=gradient_clip_val)
+    check_real("mask_ratio", mask_ratio, 0.0, 1.0, low_open=True, optional=True)
     weights = objective_weights(objective)
-    source = None if init_from is None else _init_source(init_from)
-    source_objectives = {} if source is None else dict(source[1].get("objectives") or {})
-    if model is None:
-        model = "tiny" if source is None else source[1]["backbone"]
-    options = {name: {**dict(source_objectives.get(name) or {}), **dict((objective_options or {}).get(name, {}))}
-               for name in weights}
     unknown = set(objective_options or {}) - set(weights)
     if unknown:
         raise ValueError(f"objective_options given for {sorted(unknown)}, which are not trained ({sorted(weights)})")
-    if mask_ratio is not None:
-        if "mpm" not in weights:
-            raise ValueError("mask_ratio applies to the 'mpm' objective, which is not trained")
-        options["mpm"]["mask_ratio"] = mask_ratio
-    if warmup_steps is None:
-        warmup_steps = min(100, max_steps // 10)
+    if mask_ratio is not None and "mpm" not in weights:
+        raise ValueError("mask_ratio applies to the 'mpm' objective, which is not trained")
     workdir = Path(workdir)
+    with hold_workdir(workdir):
+        source = None if init_from is None else _init_source(init_from)
+        source_objectives = {} if source is None else dict(source[1].get("objectives") or {})
+        if model is None:
+            model = "tiny" if source is None else source[1]["backbone"]
+        options = {name: {**dict(source_objectives.get(name) or {}), **dict((objective_options or {}).get(name, {}))}
+                   for name in weights}
+        if mask_ratio is not None:
+            options["mpm"]["mask_ratio"] = mask_ratio
+        if warmup_steps is None:
+            warmup_steps = min(100, max_steps // 10)
 
-    L.seed_everything(seed, workers=True, verbose=False)
-    module = PretrainModule(backbone_config(model), objectives=options, weights=weights, lr=lr,
-                            weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
-    initialised = None if source is None else _copy_weights(module, *source)
-    datamodule = PretrainDataModule(data, geometry=geometry, n_events=n_events, val_fraction=val_fraction,
-                                    batch_points=batch_points, num_workers=num_workers, seed=seed,
-                                    **dict(data_options or {}))
-    trainer = make_trainer(workdir, max_steps=max_steps, accelerator=accelerator, devices=devices, strategy=strategy,
-                           precision=precision, gradient_clip_val=gradient_clip_val,
-                           log_every_n_steps=log_every_n_steps, checkpoint_every_n_steps=checkpoint_every_n_steps,
-                           val_every_n_steps=val_every_n_steps, callbacks=callbacks, progress=progress,
-                           deterministic=deterministic, progress_label="pretrain")
-    fit(trainer, module, datamodule, resume=resume)
-    last = checkpoint_path(workdir)
+        L.seed_everything(seed, workers=True, verbose=False)
+        module = PretrainModule(backbone_config(model), objectives=options, weights=weights, lr=lr,
+                                weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
+        initialised = None if source is None else _copy_weights(module, *source)
+        datamodule = PretrainDataModule(data, geometry=geometry, n_events=n_events, val_fraction=val_fraction,
+                                        batch_points=batch_points, num_workers=num_workers, seed=seed,
+                                        **dict(data_options or {}))
+        trainer = make_trainer(workdir, max_steps=max_steps, accelerator=accelerator, devices=devices,
+                               strategy=strategy, precision=precision, gradient_clip_val=gradient_clip_val,
+                               log_every_n_steps=log_every_n_steps, checkpoint_every_n_steps=checkpoint_every_n_steps,
+                               val_every_n_steps=val_every_n_steps, callbacks=callbacks, progress=progress,
+                               deterministic=deterministic, progress_label="pretrain")
+        fit(trainer, module, datamodule, resume=resume)
+        last = checkpoint_path(workdir)
 
-    history = read_history(workdir)
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("train/")}
-    if val_fraction > 0:
-        for results in trainer.validate(module, datamodule=datamodule, verbose=False):
-            metrics.update({key: float(value) for key, value in results.items()})
-    return PretrainResult(module=module, checkpoint_path=last, workdir=workdir, metrics=metrics, history=history,
-                          initialised_from=initialised)
+        history = read_history(workdir)
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("train/")}
+        if val_fraction > 0:
+            for results in trainer.validate(module, datamodule=datamodule, verbose=False):
+                metrics.update({key: float(value) for key, value in results.items()})
+        return PretrainResult(module=module, checkpoint_path=last, workdir=workdir, metrics=metrics, history=history,
+                              initialised_from=initialised)

@@ -2,11 +2,20 @@
 
 Every sub-command is a thin layer over the Python API, so that what the command line does a
 script can do too.
+
+A user's mistake (a bad value, a missing or bad file, an unknown name) is one line on stderr,
+``pcfm <command>: error: ...``, and exit code 2, as argparse does for bad options: the
+command-line values are checked here, and a :class:`~pcfm.errors.PcfmError`, ``ValueError``
+(Python's and pcfm's error for a bad value) or ``FileNotFoundError`` from the API is shown the
+same way. Any other exception is an internal error and keeps its traceback; set
+``PCFM_TRACEBACK=1`` to see the traceback of the one-line errors too.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,15 +23,45 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pcfm.errors import PcfmError
+from pcfm.errors import ArgumentError, PcfmError
 
 
-def _range(text: str) -> float | tuple[float, float]:
-    """``"1000"`` -> 1000.0 and ``"1000:1e6"`` -> (1000.0, 1e6)."""
-    if ":" in text:
-        lo, hi = (float(v) for v in text.split(":", 1))
-        return lo, hi
-    return float(text)
+def _range(text: str, option: str = "the value") -> float | tuple[float, float]:
+    """``"1000"`` -> 1000.0 and ``"1000:1e6"`` -> (1000.0, 1e6); an ArgumentError naming
+    ``option`` if the text is neither."""
+    try:
+        if ":" in text:
+            lo, hi = (float(v) for v in text.split(":", 1))
+            return lo, hi
+        return float(text)
+    except ValueError:
+        raise ArgumentError(f"{option}: expected a number or a range LO:HI, got {text!r}") from None
+
+
+def _positive_range(text: str, option: str, unit: str) -> float | tuple[float, float]:
+    """:func:`_range` whose values are finite and positive, LO <= HI (energies, counts)."""
+    value = _range(text, option)
+    values = value if isinstance(value, tuple) else (value,)
+    if not all(math.isfinite(v) and v > 0 for v in values) or values[0] > values[-1]:
+        raise ArgumentError(f"{option}: values must be positive and finite {unit}"
+                            + (" with LO <= HI" if len(values) == 2 else "") + f", got {text!r}")
+    return value
+
+
+def _at_least(value: int, least: int, option: str) -> int:
+    if value < least:
+        raise ArgumentError(f"{option} must be at least {least}, got {value}")
+    return value
+
+
+def _theta_radians(text: str, option: str = "--theta-deg") -> float | tuple[float, float]:
+    """Degrees (fixed or LO:HI) inside (0, 180) to radians."""
+    theta = _range(text, option)
+    values = theta if isinstance(theta, tuple) else (theta,)
+    if not all(0 < v < 180 for v in values) or values[0] > values[-1]:
+        raise ArgumentError(f"{option}: angles must lie in (0, 180) degrees (90 is normal incidence)"
+                            + (" with LO <= HI" if len(values) == 2 else "") + f", got {text!r}")
+    return tuple(float(v) for v in np.radians(values)) if isinstance(theta, tuple) else float(np.radians(theta))
 
 
 def _cmd_geometries(args) -> int:
@@ -39,10 +78,11 @@ def _cmd_simulate_calo(args) -> int:
     from pcfm.data import write_calochallenge
     from pcfm.sim import simulate_showers
 
-    theta = _range(args.theta_deg)
-    theta = tuple(np.radians(theta)) if isinstance(theta, tuple) else float(np.radians(theta))
+    _at_least(args.n, 1, "--n")
+    energy = _positive_range(args.energy, "--energy", "MeV")
+    theta = _theta_radians(args.theta_deg)
     start = time.perf_counter()
-    showers = simulate_showers(args.geometry, args.n, particle=args.particle, energy=_range(args.energy),
+    showers = simulate_showers(args.geometry, args.n, particle=args.particle, energy=energy,
                                theta=theta, seed=args.seed)
     seconds = time.perf_counter() - start
     write_calochallenge(args.out, showers)
@@ -57,11 +97,10 @@ def _cmd_simulate_lartpc(args) -> int:
     from pcfm.data import write_pilarnet
     from pcfm.sim import simulate_lartpc_events
 
-    if args.n < 1:
-        raise SystemExit("pcfm simulate lartpc: --n must be at least 1")
-    target = _range(args.points) if args.points else None
+    _at_least(args.n, 1, "--n")
+    target = _positive_range(args.points, "--points", "numbers of points") if args.points else None
     if isinstance(target, float):
-        raise SystemExit("--points takes a range LO:HI")
+        raise ArgumentError(f"--points takes a range LO:HI, got {args.points!r}")
     start = time.perf_counter()
     events = simulate_lartpc_events(args.n, seed=args.seed, target_points=target)
     seconds = time.perf_counter() - start
@@ -76,10 +115,11 @@ def _cmd_inspect(args) -> int:
     """Validate every event of each file and print a summary; exit 1 if any event is bad."""
     from pcfm.data import detect_format, open_dataset
 
+    _at_least(args.max_problems, 0, "--max-problems")
     bad = 0
     for path in args.files:
         fmt = detect_format(path)
-        dataset = open_dataset(path, format=fmt, geometry=args.geometry, on_error="skip")
+        dataset = open_dataset(path, format=fmt, geometry=args.geometry, on_error="skip")  # no events: DataError
         report = dataset.scan()
         sizes = dataset.event_sizes() if report.n_skipped < report.n_checked else np.zeros(0)
         spread = (f"points per event median {np.median(sizes):.0f} (min {sizes.min()}, max {sizes.max()})"
@@ -152,11 +192,17 @@ def _run_config(args, function) -> dict:
 def _cmd_generate(args) -> int:
     from pcfm.api import generate
 
-    energy = _range(args.energy)
+    _at_least(args.n, 1, "--n")
+    _at_least(args.steps, 1, "--steps")
+    _at_least(args.batch_size, 1, "--batch-size")
+    energy = _positive_range(args.energy, "--energy", "MeV")
+    theta = _theta_radians(args.theta_deg)
+    if isinstance(theta, tuple):
+        raise ArgumentError(f"--theta-deg takes one angle, got {args.theta_deg!r}")
     rng = np.random.default_rng(args.seed)
     energies = (np.exp(rng.uniform(np.log(energy[0]), np.log(energy[1]), args.n)) if isinstance(energy, tuple)
                 else np.full(args.n, energy))
-    result = generate(args.checkpoint, args.geometry, energies, theta=float(np.radians(args.theta_deg)),
+    result = generate(args.checkpoint, args.geometry, energies, theta=theta,
                       steps=args.steps, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed,
                       calibrate_energy=False if args.no_energy_calibration else None,
                       out=args.out)
@@ -170,7 +216,8 @@ def _cmd_evaluate(args) -> int:
     from pcfm.api import evaluate
 
     result = evaluate(args.generated, args.reference, args.geometry, classifier=not args.no_classifier,
-                      plots_dir=args.plots, report_path=args.report, seed=args.seed)
+                      allow_geometry_mismatch=args.allow_geometry_mismatch, plots_dir=args.plots,
+                      report_path=args.report, seed=args.seed)
     sep = result["separation_power"]
     print(f"separation power: mean {sep['mean']:.4f}, max {sep['max']:.4f} ({sep['max_feature']}); "
           f"FPD {result['fpd']:.3f}; KPD {result['kpd']:.5f} +- {result['kpd_std']:.5f}")
@@ -185,7 +232,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_quickstart(args) -> int:
     from pcfm.api import run_quickstart
 
-    run_quickstart(workdir=args.workdir, seed=args.seed, pretrain_steps=args.steps)
+    run_quickstart(workdir=args.workdir, seed=args.seed, pretrain_steps=_at_least(args.steps, 1, "--steps"))
     return 0
 
 
@@ -242,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--geometry", default="calochallenge-ds2")
     gen.add_argument("--n", type=int, default=100, help="number of showers")
     gen.add_argument("--energy", default="1000:100000", help="MeV: fixed (E) or log-uniform (LO:HI)")
-    gen.add_argument("--theta-deg", type=float, default=90.0)
+    gen.add_argument("--theta-deg", default="90", help="polar angle in degrees, in (0, 180)")
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--sampler", default="heun", choices=["heun", "stochastic", "dpmpp2m"],
                      help="heun: 2 steps - 1 network calls; dpmpp2m: one call a step (few steps)")
@@ -261,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report", type=Path, default=None, help="JSON report path (a .md summary goes beside it)")
     ev.add_argument("--plots", type=Path, default=None, help="folder for PNG plots (needs matplotlib)")
     ev.add_argument("--no-classifier", action="store_true")
+    ev.add_argument("--allow-geometry-mismatch", action="store_true",
+                    help="evaluate even when the two files name different geometries (or --geometry contradicts "
+                         "one); refused by default")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -276,8 +326,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PcfmError, FileNotFoundError) as err:
-        print(f"pcfm {args.command}: error: {err}", file=sys.stderr)
+    except (PcfmError, ValueError, FileNotFoundError) as err:  # a user's mistake: one line (module doc)
+        if os.environ.get("PCFM_TRACEBACK"):
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, "what", None))))
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"pcfm {command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,10 @@ or attribute such a file is read as ``calochallenge-ds2``, the official data set
 Files are read and validated in chunks of events (a 40500-voxel file of 50k showers is 8 GB),
 and :class:`CaloChallengeFile` reads single events or slices lazily, one handle per process.
 Energies come back as float32 whatever the file stores.
+
+Why one module of this length: the format's reader, its validation (checked on the stored values
+before the cast, so that the first bad event is named) and its writer share the layout and the
+chunking; each is read beside the others when the format changes.
 """
 from __future__ import annotations
 
@@ -46,6 +50,11 @@ GEOMETRY_BY_VOXELS = {
     6480: "calochallenge-ds2",  # par04-scipb shares this mesh: name it explicitly to read it so
     40500: "calochallenge-ds3",
 }
+
+#: Largest energy (MeV) of a cell or an incident particle that a reader accepts: 10 TeV, ten
+#: times the highest CaloChallenge energy (1 TeV). Larger values are corrupt entries (a 1e30 MeV
+#: cell would dominate every sum and standardisation downstream), reported as out of range.
+MAX_ENERGY_MEV = 1e7
 
 #: Values per block read or validated at once (16 Mi floats, 64 MB in float32).
 BLOCK_VALUES = 1 << 24
@@ -104,10 +113,13 @@ def find_bad_events(incident: np.ndarray, showers: np.ndarray, extras: Optional[
                     first_event: int = 0) -> list[tuple[int, str]]:
     """(event index, problem) for every bad event of a block; vectorised over the block.
 
-    Problems: incident energy not positive and finite; NaN or inf in the shower; a negative cell;
-    an empty shower (every cell zero); non-finite angles; a non-integer particle code. An event
-    with several problems is listed once, with the first. ``first_event`` is the index of the
-    block's first event in its file.
+    Problems: incident energy not positive and finite, or above :data:`MAX_ENERGY_MEV`; NaN or
+    inf in the shower; a cell above :data:`MAX_ENERGY_MEV` (out of range: this also catches
+    finite values that float32 cannot hold, such as 1e39); a negative cell; an empty shower
+    (every cell zero); non-finite angles; a non-integer particle code. An event with several
+    problems is listed once, with the first. ``first_event`` is the index of the block's first
+    event in its file. Give the values as stored (before any cast to float32), so that a value
+    too large for float32 is reported as out of range rather than as inf.
     """
     incident = np.asarray(incident).reshape(-1)
     low, high = showers.min(axis=1), showers.max(axis=1)  # NaN propagates through min/max
@@ -115,8 +127,14 @@ def find_bad_events(incident: np.ndarray, showers: np.ndarray, extras: Optional[
     checks = [
         (~(np.isfinite(incident) & (incident > 0)),
          lambda k: f"incident energy must be positive and finite, got {incident[k]:.6g} MeV"),
+        (incident > MAX_ENERGY_MEV,
+         lambda k: f"incident energy {incident[k]:.6g} MeV is out of range (above {MAX_ENERGY_MEV:.0e} MeV, "
+                   "10 TeV)"),
         (~(np.isfinite(low) & np.isfinite(high)),
          lambda k: "non-finite cell energy (NaN or inf) in 'showers'"),
+        (high > MAX_ENERGY_MEV,
+         lambda k: f"cell energy {high[k]:.6g} MeV in cell {int(np.argmax(showers[k]))} is out of range "
+                   f"(above {MAX_ENERGY_MEV:.0e} MeV, 10 TeV)"),
         (low < 0,
          lambda k: f"negative cell energy {low[k]:.6g} MeV in cell {int(np.argmin(showers[k]))}"),
         ((low == 0) & (high == 0),
@@ -130,6 +148,8 @@ def find_bad_events(incident: np.ndarray, showers: np.ndarray, extras: Optional[
                            lambda k, v=values: f"particle code {v[k]} is not an integer PDG code"))
         else:
             checks.append((~np.isfinite(values), lambda k, v=values, n=name: f"non-finite {n} {v[k]}"))
+            checks.append((np.abs(values) > 2 * np.pi,
+                           lambda k, v=values, n=name: f"{n} {v[k]:.6g} is out of range (radians, |{n}| <= 2 pi)"))
     bad = np.logical_or.reduce([mask for mask, _ in checks])
     problems = []
     for k in np.flatnonzero(bad):
@@ -179,11 +199,25 @@ def inspect_file(h5file: h5py.File, path, geometry) -> FileLayout:
 
 
 def read_block(h5, layout: FileLayout, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Incident energies, showers (float32) and extras of events ``start:stop``."""
-    incident = np.asarray(h5["incident_energies"][start:stop], dtype=np.float32).reshape(-1)
-    showers = np.asarray(h5["showers"][start:stop], dtype=np.float32)
+    """Incident energies, showers and extras of events ``start:stop``, as stored (float64 stays
+    float64, so that :func:`find_bad_events` sees a 1e39 before float32 turns it into inf)."""
+    incident = np.asarray(h5["incident_energies"][start:stop]).reshape(-1)
+    showers = np.asarray(h5["showers"][start:stop])
     extras = {key: np.asarray(h5[key][start:stop]).reshape(-1) for key in layout.extras}
     return incident, showers, extras
+
+
+def file_geometry(path: PathLike) -> tuple[Optional[str], Optional[str]]:
+    """(the geometry a CaloChallenge file names in its ``geometry`` attribute, the preset its
+    voxel count implies (:data:`GEOMETRY_BY_VOXELS`)), each None when there is none; reads only
+    the file's metadata."""
+    with open_hdf5(path) as h5file, read_errors(path):
+        attribute = h5file.attrs.get("geometry")
+        showers = h5file.get("showers")
+        n_voxels = showers.shape[1] if isinstance(showers, h5py.Dataset) and showers.ndim == 2 else None
+    if isinstance(attribute, bytes):
+        attribute = attribute.decode()
+    return (None if attribute is None else str(attribute)), GEOMETRY_BY_VOXELS.get(n_voxels)
 
 
 def _as_showers(incident, showers, extras: dict, geometry: Geometry) -> CaloShowers:
@@ -334,7 +368,7 @@ def read_valid_block(h5, layout: FileLayout, path, first: int, last: int):
     problems = find_bad_events(incident, showers, extras, first_event=first)
     if problems:
         raise DataError(problems[0][1], path, problems[0][0])
-    return incident, showers, extras
+    return incident.astype(np.float32, copy=False), showers.astype(np.float32, copy=False), extras
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -354,11 +388,11 @@ def write_calochallenge(path: PathLike, showers: CaloShowers, geometry=None, *,
     if n_events == 0:
         raise DataError("no showers to write", path)
     geometry = _resolve_geometry(geometry if geometry is not None else showers.geometry, n_voxels, None, path)
-    incident = np.asarray(showers.incident_energies, dtype=np.float32).reshape(-1, 1)
+    incident = np.asarray(showers.incident_energies).reshape(-1, 1)
     extras = {key: getattr(showers, key) for key in EXTRA_KEYS if getattr(showers, key) is not None}
     block = block_events_for(n_voxels)
-    for a in range(0, n_events, block):
-        cells = np.asarray(showers.showers[a:a + block], dtype=np.float32)
+    for a in range(0, n_events, block):  # checked as given: a 1e39 is out of range, not inf
+        cells = np.asarray(showers.showers[a:a + block])
         problems = find_bad_events(incident[a:a + block], cells,
                                    {k: v[a:a + block] for k, v in extras.items()}, first_event=a)
         if problems:
@@ -368,7 +402,7 @@ def write_calochallenge(path: PathLike, showers: CaloShowers, geometry=None, *,
     options = {"compression": compression} if compression else {}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5file:
         h5file.attrs["geometry"] = geometry.name
-        h5file.create_dataset("incident_energies", data=incident, chunks=(chunk, 1), **options)
+        h5file.create_dataset("incident_energies", data=incident.astype(np.float32), chunks=(chunk, 1), **options)
         dataset = h5file.create_dataset("showers", shape=(n_events, n_voxels), dtype=np.float32,
                                         chunks=(chunk, n_voxels), **options)
         for a in range(0, n_events, block):

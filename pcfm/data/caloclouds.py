@@ -29,6 +29,12 @@ from pcfm.errors import DataError
 
 ENERGY_UNITS_IN_MEV = {"GeV": 1000.0, "MeV": 1.0}
 READ_BLOCK = 1024
+#: Largest |x|, |y|, |z| a point may have (as stored: mm, y in layers unless scaled): 100 m,
+#: beyond any detector in any frame. Larger values are corrupt entries (a 1e30 would overflow
+#: every distance computed from it), reported as out of range.
+MAX_COORDINATE = 1e5
+#: Largest point and incident energy in MeV: 10 TeV, as for CaloChallenge cells.
+MAX_ENERGY_MEV = 1e7
 
 
 @dataclass
@@ -83,8 +89,9 @@ def _inspect_file(h5file: h5py.File, path) -> _Layout:
 
 def _decode(rows: np.ndarray, incident: float, direction: Optional[np.ndarray], scale: float,
             layer_pitch_mm: Optional[float], path, index: int) -> CaloCloudEvent:
-    """Validate one padded shower and return its real points in pcfm units."""
-    rows = np.asarray(rows, dtype=np.float32)
+    """Validate one padded shower and return its real points in pcfm units. Values are checked
+    as stored, before the cast to float32, so that a 1e39 is out of range rather than inf."""
+    rows = np.asarray(rows)
     if not np.all(np.isfinite(rows)):
         raise DataError("non-finite value (NaN or inf) in 'events'", path, index)
     energy = rows[:, 3]
@@ -92,11 +99,23 @@ def _decode(rows: np.ndarray, incident: float, direction: Optional[np.ndarray], 
         raise DataError(
             f"{int(np.sum(energy < 0))} points have negative energy (lowest {energy.min():.6g})", path, index
         )
-    points = rows[energy > 0]
-    if points.shape[0] == 0:
+    real = energy > 0
+    if not np.any(real):
         raise DataError("event has no points: every row is zero padding", path, index)
     if not (np.isfinite(incident) and incident > 0):
         raise DataError(f"incident energy must be positive and finite, got {incident}", path, index)
+    if incident * scale > MAX_ENERGY_MEV:
+        raise DataError(f"incident energy {incident * scale:.6g} MeV is out of range (above {MAX_ENERGY_MEV:.0e} "
+                        "MeV, 10 TeV)", path, index)
+    coordinates = np.abs(rows[real, :3])
+    if np.any(coordinates > MAX_COORDINATE):
+        row, axis = np.unravel_index(int(np.argmax(coordinates)), coordinates.shape)
+        raise DataError(f"point {int(np.flatnonzero(real)[row])} has {'xyz'[axis]} = {rows[real][row, axis]:.6g}, "
+                        f"out of range (|{'xyz'[axis]}| above {MAX_COORDINATE:.0e}, 100 m)", path, index)
+    if energy.max() * scale > MAX_ENERGY_MEV:
+        raise DataError(f"point {int(np.argmax(energy))} has energy {energy.max() * scale:.6g} MeV, out of range "
+                        f"(above {MAX_ENERGY_MEV:.0e} MeV, 10 TeV)", path, index)
+    points = rows[real].astype(np.float32)
     points[:, 3] *= scale
     if layer_pitch_mm is not None:
         points[:, 1] *= layer_pitch_mm
@@ -127,8 +146,9 @@ def read_caloclouds(path: str | os.PathLike, *, energy_unit: str = "GeV",
                     layer_pitch_mm: Optional[float] = None) -> list[CaloCloudEvent]:
     """Read and validate every shower of one CaloClouds file (energies converted to MeV).
 
-    Bad showers (non-finite values, negative energies, no real point, bad incident energy)
-    raise a DataError naming the file and the event.
+    Bad showers (non-finite values, negative energies, no real point, bad incident energy,
+    coordinates beyond :data:`MAX_COORDINATE` or energies beyond :data:`MAX_ENERGY_MEV`) raise
+    a DataError naming the file and the event.
     """
     scale, pitch = _energy_scale(energy_unit), _check_pitch(layer_pitch_mm)
     showers = []

@@ -132,14 +132,16 @@ class LArTPCDataset(torch.utils.data.Dataset):
 
     A thin wrapper: ``events`` is a :class:`pcfm.data.pilarnet.PILArNetDataset` built from
     ``paths_or_globs`` and ``**reader_options`` (``min_points``, ``on_error``, ...), which does
-    the lazy reading and validation.
+    the lazy reading and validation; a voxel-grid geometry's shape bounds the coordinates.
     """
 
     def __init__(self, paths_or_globs, geometry="lartpc-768", *, transform: Transform = None, **reader_options):
         from pcfm.data.pilarnet import PILArNetDataset  # the reader is optional for calorimeter users
 
-        self.events = PILArNetDataset(paths_or_globs, **reader_options)
         self.geometry = geometries.get(geometry)
+        if isinstance(self.geometry, geometries.VoxelGridGeometry):
+            reader_options.setdefault("box_voxels", self.geometry.shape)
+        self.events = PILArNetDataset(paths_or_globs, **reader_options)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -195,6 +195,9 @@ class LazyEventDataset(torch.utils.data.Dataset):
           worker keeps its own). Call :meth:`scan` first to validate every event up front, drop
           the bad ones from the index and get a complete report.
 
+    Files without events are allowed among others; a set of files that holds no event at all
+    raises a DataError naming the (first) file at construction.
+
     Subclasses set :attr:`keys` and implement :meth:`_inspect`, :meth:`_read` and
     :meth:`_count_points`.
     """
@@ -222,6 +225,9 @@ class LazyEventDataset(torch.utils.data.Dataset):
                     raise DataError(f"datasets disagree on the number of events: {n_events}", path)
                 lengths.append(n_events[self.keys[0]])
                 self.file_info.append(self._inspect(h5file, path))
+        if sum(lengths) == 0:  # else training fails later, naming no file
+            others = f", nor do the other {len(self.paths) - 1} file(s) given" if len(self.paths) > 1 else ""
+            raise DataError(f"holds no events{others}: an empty or unfinished file?", self.paths[0])
         self._handles = [LazyH5(p) for p in self.paths]
         self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self._items = np.arange(self._offsets[-1], dtype=np.int64)  # raw global id of each item

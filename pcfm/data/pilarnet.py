@@ -28,10 +28,17 @@ from pcfm.data.hdf5 import LazyEventDataset, LazyH5, open_hdf5, read_errors, req
 from pcfm.errors import DataError
 
 POINT_COLUMNS = 8
+POINT_COLUMN_NAMES = ("x", "y", "z", "energy", "energy_2", "time", "n_electrons", "dx")
 CLUSTER_COLUMNS = {1: 5, 2: 6}
 EXTRA_COLUMNS = 5
 ENERGY_COLUMN = 3
 SEMANTIC_COLUMN = 4
+#: Voxels along x, y, z of the PILArNet-M box: coordinates must lie in [0, n) on each axis.
+BOX_VOXELS = (768, 768, 768)
+#: Largest deposited energy (MeV) of one point: 10 TeV (as for calorimeter cells; a real LArTPC
+#: voxel holds at most hundreds of MeV); above it a value is a corrupt entry.
+MAX_POINT_ENERGY_MEV = 1e7
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _inspect_file(h5file: h5py.File, path) -> int:
@@ -65,19 +72,44 @@ def _as_ids(clusters: np.ndarray, path, index) -> np.ndarray:
     return clusters.astype(np.int64)
 
 
-def check_event(event: LArEvent, path=None, index=None) -> None:
+def check_event(event: LArEvent, path=None, index=None, box_voxels=BOX_VOXELS) -> None:
     """Raise a DataError naming ``path`` and ``index`` unless ``event`` is a valid PILArNet-M event.
 
     Adds to :meth:`LArEvent.validate` (shapes, empty events, non-finite values, cluster sizes
-    summing to the point count): no negative deposited energy, semantic classes in 0..4.
+    summing to the point count): no negative cluster size, no negative deposited energy,
+    semantic classes in 0..4, and range checks: x, y, z inside the box of ``box_voxels`` voxels
+    ([0, n) on each axis, :data:`BOX_VOXELS` by default), energies up to
+    :data:`MAX_POINT_ENERGY_MEV`, and every value within float32 (the files' type), so that a
+    corrupt entry is named here rather than met as an overflow in training.
     """
+    clusters = np.asarray(event.clusters)
+    if clusters.ndim == 2 and clusters.shape[1] in CLUSTER_COLUMNS.values() and np.any(clusters[:, 0] < 0):
+        k = int(np.argmax(clusters[:, 0] < 0))
+        raise DataError(f"cluster {k} has a negative size ({int(clusters[k, 0])} points)", path, index)
     event.validate(path, index)
-    energy = event.points[:, ENERGY_COLUMN]
+    points = event.points
+    xyz = points[:, :3]
+    outside = np.any((xyz < 0) | (xyz >= np.asarray(box_voxels, dtype=np.float64)), axis=1)
+    if np.any(outside):
+        k = int(np.argmax(outside))
+        box = "x".join(str(int(n)) for n in box_voxels)
+        raise DataError(f"{int(outside.sum())} points lie outside the {box} voxel box (first: point {k} at "
+                        f"voxel ({', '.join(f'{v:.6g}' for v in xyz[k])}))", path, index)
+    energy = points[:, ENERGY_COLUMN]
     if np.any(energy < 0):
         raise DataError(
             f"{int(np.sum(energy < 0))} points have negative energy (lowest {energy.min():.6g} MeV)",
             path, index,
         )
+    if np.any(energy > MAX_POINT_ENERGY_MEV):
+        raise DataError(f"point {int(np.argmax(energy))} has energy {energy.max():.6g} MeV, out of range "
+                        f"(above {MAX_POINT_ENERGY_MEV:.0e} MeV, 10 TeV)", path, index)
+    for key, values, names in (("point", points, POINT_COLUMN_NAMES), ("cluster_extra", event.cluster_extra, None)):
+        if values is not None and np.any(np.abs(values) > _FLOAT32_MAX):
+            row, column = np.unravel_index(int(np.argmax(np.abs(values))), values.shape)
+            name = names[column] if names else f"column {column}"
+            raise DataError(f"{key!r} value {values[row, column]:.6g} ({name} of row {row}) is out of range: "
+                            "it overflows float32", path, index)
     semantic = event.clusters[:, SEMANTIC_COLUMN]
     bad = (semantic < 0) | (semantic >= len(SEMANTIC_CLASSES))
     if np.any(bad):
@@ -86,20 +118,25 @@ def check_event(event: LArEvent, path=None, index=None) -> None:
         )
 
 
-def _decode(point, cluster, extra, version: int, path, index: int) -> LArEvent:
-    """Build and validate one event from the flat arrays stored in the file."""
-    points = _reshape(point, POINT_COLUMNS, "point", path, index).astype(np.float32, copy=False)
+def _decode(point, cluster, extra, version: int, path, index: int, box_voxels=BOX_VOXELS) -> LArEvent:
+    """Build and validate one event from the flat arrays stored in the file; values are checked
+    as stored, then cast to float32 (so that a 1e39 is out of range, not inf)."""
+    points = _reshape(point, POINT_COLUMNS, "point", path, index)
     clusters = _as_ids(_reshape(cluster, CLUSTER_COLUMNS[version], "cluster", path, index), path, index)
     cluster_extra = None
     if extra is not None:
-        cluster_extra = _reshape(extra, EXTRA_COLUMNS, "cluster_extra", path, index).astype(np.float32, copy=False)
+        cluster_extra = _reshape(extra, EXTRA_COLUMNS, "cluster_extra", path, index)
     event = LArEvent(points, clusters, cluster_extra, meta={"path": str(path), "event": int(index)})
-    check_event(event, path, index)
+    check_event(event, path, index, box_voxels)
+    event.points = points.astype(np.float32, copy=False)
+    if cluster_extra is not None:
+        event.cluster_extra = cluster_extra.astype(np.float32, copy=False)
     return event
 
 
-def read_pilarnet_event(path: str | os.PathLike, index: int) -> LArEvent:
-    """Read and validate event ``index`` (negative counts from the end) of a PILArNet-M file."""
+def read_pilarnet_event(path: str | os.PathLike, index: int, *, box_voxels=BOX_VOXELS) -> LArEvent:
+    """Read and validate event ``index`` (negative counts from the end) of a PILArNet-M file
+    (:func:`check_event`; ``box_voxels`` bounds the coordinates)."""
     with open_hdf5(path) as h5file, read_errors(path, index):
         version = _inspect_file(h5file, path)
         n_events = h5file["point"].shape[0]
@@ -107,7 +144,7 @@ def read_pilarnet_event(path: str | os.PathLike, index: int) -> LArEvent:
             raise IndexError(f"{path}: event {index} out of range, the file holds {n_events} events")
         index = int(index) % n_events
         extra = h5file["cluster_extra"][index] if version == 2 else None
-        return _decode(h5file["point"][index], h5file["cluster"][index], extra, version, path, index)
+        return _decode(h5file["point"][index], h5file["cluster"][index], extra, version, path, index, box_voxels)
 
 
 def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
@@ -212,17 +249,22 @@ class PILArNetDataset(LazyEventDataset):
             validates everything and drops bad events up front).
 
     :meth:`event_sizes` counts points as the sum of the cluster sizes, read from ``cluster``
-    only, in chunks of ``size_chunk`` events.
+    only, in chunks of ``size_chunk`` events. ``box_voxels`` bounds the voxel coordinates
+    (:func:`check_event`; :class:`~pcfm.data.datasets.LArTPCDataset` passes its geometry's shape).
     """
 
     keys = ("point", "cluster")
+
+    def __init__(self, paths_or_glob, *, box_voxels=BOX_VOXELS, **options):
+        self.box_voxels = tuple(int(n) for n in box_voxels)
+        super().__init__(paths_or_glob, **options)
 
     def _inspect(self, h5file: h5py.File, path: Path) -> int:
         return _inspect_file(h5file, path)
 
     def _read(self, h5: LazyH5, index: int, version: int) -> LArEvent:
         extra = h5["cluster_extra"][index] if version == 2 else None
-        return _decode(h5["point"][index], h5["cluster"][index], extra, version, h5.path, index)
+        return _decode(h5["point"][index], h5["cluster"][index], extra, version, h5.path, index, self.box_voxels)
 
     def _count_points(self, h5file: h5py.File, start: int, stop: int, version: int) -> np.ndarray:
         return _cluster_point_counts(h5file["cluster"][start:stop], CLUSTER_COLUMNS[version])

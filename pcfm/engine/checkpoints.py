@@ -33,10 +33,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: the file is truncated, corrupt, not a torch checkpoint, or not one
-            written by pcfm pretraining (no pcfm marker, hyperparameters or weights).
+        CheckpointError: a folder, not a file (the message names the run's ``last.ckpt`` when
+            the folder is a workdir); the file is truncated, corrupt, not a torch checkpoint, or
+            not one written by pcfm pretraining (no pcfm marker, hyperparameters or weights).
     """
     path = Path(path)
+    if path.is_dir():
+        inside = next((candidate for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt")
+                       if candidate.is_file()), None)
+        hint = f"; give the checkpoint file inside it, e.g. {inside}" if inside is not None else ""
+        raise CheckpointError(path, f"is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:

@@ -5,20 +5,30 @@ A run lives in a working folder::
     workdir/checkpoints/last.ckpt      saved every N steps and at the end (atomically: a crash
                                         while saving leaves the previous one intact)
     workdir/logs/version_K/metrics.csv one CSV log per start of the run (CSVLogger)
+    workdir/pcfm.lock                  while a run works in the folder (:func:`hold_workdir`)
 
 :func:`fit` resumes from ``workdir/checkpoints/last.ckpt`` when it exists (``resume=True``):
 weights, optimiser, schedule, step count, sampler epoch and position in the epoch are restored
 (:mod:`pcfm.engine.data` makes the loader resumable, :mod:`pcfm.tasks.pretrain` seeds every
 step from the step number), so an interrupted run ends with the weights of an uninterrupted one.
-:func:`read_history` joins the CSV logs of all the starts of a run into one loss history.
+A fresh start first deletes the checkpoints and records of the run before it
+(:func:`start_afresh`), and checkpoints always take the same names, so that a crash of the new
+run can never leave the old one to be resumed. :func:`read_history` joins the CSV logs of all
+the starts of a run into one loss history.
+
+One run at a time per folder: :func:`hold_workdir` locks it (a lock that a killed run releases)
+and removes the temporary files a killed run left there.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
+import numbers
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
@@ -27,15 +37,18 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
-from pcfm.io import atomic_path
+from pcfm.io import LockHeld, atomic_path, describe_holder, exclusive_lock, remove_leftover_temporaries
 from pcfm.engine.progress import progress_callback
 from pcfm.engine.checkpoints import CheckpointError, read_checkpoint
+from pcfm.errors import ArgumentError, WorkdirInUseError  # noqa: F401  (WorkdirInUseError: also imported from here)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 LOG_DIR = "logs"
 #: In ``workdir/logs``: the log versions of the current run (its first start and its resumptions).
 VERSIONS_FILE = "versions.json"
+#: In the workdir while a run works there: the lock file (:func:`hold_workdir`).
+LOCK_FILE = "pcfm.lock"
 #: Strategy names that become DDP with ``find_unused_parameters=True`` (an objective may leave
 #: parts of the backbone unused, e.g. masked modelling never calls the per-point read-out).
 DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
@@ -162,7 +175,9 @@ def make_trainer(workdir: str | os.PathLike, *, max_steps: int, accelerator: str
     workdir = Path(workdir)
     checkpoints = workdir / CHECKPOINT_DIR
     all_callbacks = [
-        ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every_n_steps),
+        # no version counter: a fresh start writes last.ckpt itself, never last-v1.ckpt beside an old one
+        ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every_n_steps,
+                        enable_version_counter=False),
         FinalCheckpoint(checkpoints / LAST_CHECKPOINT),
         RunLogVersions(),
         *(callbacks or []),
@@ -184,19 +199,38 @@ def make_trainer(workdir: str | os.PathLike, *, max_steps: int, accelerator: str
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, *,
         resume: bool = True, checkpoint: Optional[dict[str, Any]] = None) -> Optional[Path]:
-    """``trainer.fit``, resumed from the run's ``last.ckpt`` when ``resume`` and it exists.
+    """``trainer.fit``, resumed from the run's ``last.ckpt`` when ``resume`` and it exists; else
+    a fresh start, which first deletes the checkpoints of the run before (:func:`start_afresh`).
 
     The checkpoint is checked first, so a corrupt one, or one of another model, gives a
-    :class:`~pcfm.tasks.pretrain.CheckpointError` naming it; ``checkpoint`` is its content when
-    the caller has read it already (it is then not read again for the check). Returns the
-    checkpoint resumed from.
+    :class:`~pcfm.tasks.pretrain.CheckpointError` naming it (and saying that ``resume=False``
+    starts afresh); ``checkpoint`` is its content when the caller has read it already (it is
+    then not read again for the check). Returns the checkpoint resumed from.
     """
-    last = checkpoint_path(trainer.default_root_dir)
-    resumed = last if resume and last.is_file() else None
+    workdir = Path(trainer.default_root_dir)
+    last = checkpoint_path(workdir)
+    resumed = last if resume and last.exists() else None
     if resumed is not None:
-        check_same_run(checkpoint if checkpoint is not None else read_checkpoint(resumed), module, resumed)
+        check_same_run(checkpoint if checkpoint is not None else read_last_checkpoint(workdir), module, resumed)
+    elif _launched_rank() == 0:
+        start_afresh(workdir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resumed)
     return resumed
+
+
+def resume_advice(workdir: str | os.PathLike) -> str:
+    """What to do about a ``last.ckpt`` that cannot be resumed, in words."""
+    return f"pass resume=False to start afresh in {workdir} (its checkpoints are deleted) or use another workdir"
+
+
+def read_last_checkpoint(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The run's ``last.ckpt``, read to resume it; a CheckpointError (a corrupt or truncated file,
+    a folder) says that ``resume=False`` starts afresh."""
+    path = checkpoint_path(workdir)
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(path, f"{error.problem}; cannot resume from it: {resume_advice(workdir)}") from error
 
 
 def check_same_run(checkpoint: dict[str, Any], module: L.LightningModule, path: Path) -> None:
@@ -204,7 +238,62 @@ def check_same_run(checkpoint: dict[str, Any], module: L.LightningModule, path: 
     (:meth:`~pcfm.engine.module.PcfmModule.resume_problem`), and the error says it plainly."""
     problem = module.resume_problem(checkpoint["hyper_parameters"]) if hasattr(module, "resume_problem") else None
     if problem is not None:
-        raise CheckpointError(path, f"{problem}; pass resume=False (it will be overwritten) or another workdir")
+        raise CheckpointError(path, f"{problem}; {resume_advice(path.parent.parent)}")
+
+
+def start_afresh(workdir: str | os.PathLike, records: Sequence[str] = ()) -> None:
+    """Delete what a new run in ``workdir`` must not keep of the run before: ``last.ckpt`` first
+    (from then on nothing of the old run can be resumed), the ``last-vN.ckpt`` that earlier
+    versions wrote beside it, ``logs/versions.json`` and ``records`` (paths in the workdir:
+    ``checkpoints/best.ckpt``, ``metrics.json``, ...). The old CSV logs stay (no longer part of
+    the run)."""
+    workdir = Path(workdir)
+    last = checkpoint_path(workdir)
+    if last.is_dir():
+        raise CheckpointError(last, "is a folder where pcfm keeps the run's checkpoint file; remove or rename it")
+    last.unlink(missing_ok=True)
+    checkpoints = workdir / CHECKPOINT_DIR
+    stale = sorted(checkpoints.glob("last-v*.ckpt")) if checkpoints.is_dir() else []
+    for path in [*stale, workdir / LOG_DIR / VERSIONS_FILE, *(workdir / record for record in records)]:
+        if path.is_file():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str | os.PathLike, records: Sequence[str] = ()) -> Iterator[Path]:
+    """Keep ``workdir`` to this run while the block runs, and clean up after killed runs.
+
+    A second run on the folder raises :class:`WorkdirInUseError` at once, naming the first. The
+    lock (``workdir/pcfm.lock``, :func:`pcfm.io.exclusive_lock`) is released when the block ends,
+    by an exception too, and by the system when the process dies, so a killed run never leaves
+    the folder locked. Holding it, the run removes the temporary files that killed writers left
+    beside ``last.ckpt``, ``logs/versions.json`` and ``records`` (nobody else writes them now).
+    The processes a DDP launcher starts for ranks other than 0 neither lock nor clean.
+    """
+    workdir = Path(workdir)
+    if _launched_rank() != 0:
+        yield workdir
+        return
+    lock = workdir / LOCK_FILE
+    with contextlib.ExitStack() as holding:
+        try:
+            holding.enter_context(exclusive_lock(lock))
+        except LockHeld as held:
+            raise WorkdirInUseError(f"{workdir} is in use by another run: {describe_holder(held.holder)} (lock "
+                                    f"file {lock}, released when that run ends or dies); wait for it or use "
+                                    f"another workdir") from None
+        for target in [checkpoint_path(workdir), workdir / LOG_DIR / VERSIONS_FILE, *(workdir / r for r in records)]:
+            remove_leftover_temporaries(target, any_writer=True)
+        yield workdir
+
+
+def _launched_rank() -> int:
+    """This process's rank as a launcher (Lightning's DDP, torchrun, SLURM) sets it in the
+    environment, as Lightning reads it; 0 when none is set."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").strip().isdigit():
+            return int(os.environ[key])
+    return 0
 
 
 def read_history(workdir: str | os.PathLike, versions: Optional[Sequence[int]] = None) -> list[dict[str, float]]:
@@ -233,3 +322,51 @@ def read_history(workdir: str | os.PathLike, versions: Optional[Sequence[int]] =
                 restarted.add(step)
             by_step[step].update({key: float(value) for key, value in row.items() if value not in ("", None)})
     return [by_step[step] for step in sorted(by_step)]
+
+
+def check_integer(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    """An :class:`ArgumentError` naming ``name`` and ``value`` unless it is an integer >= ``minimum``
+    (or None, when ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ArgumentError(f"{name} must be an integer >= {minimum}{' (or None)' if optional else ''}, got {value!r}")
+
+
+def check_real(name: str, value: Any, low: float = 0.0, high: float = math.inf, *, low_open: bool = False,
+               high_open: bool = True, optional: bool = False) -> None:
+    """An :class:`ArgumentError` unless ``value`` is a finite number in the range from ``low`` to
+    ``high`` (ends open or closed), or None when ``optional``."""
+    if value is None and optional:
+        return
+    if math.isinf(high):
+        words = f"{'>' if low_open else '>='} {low:g} and finite"
+    else:
+        words = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ArgumentError(f"{name} must be a number {words}{' (or None)' if optional else ''}, got {value!r}")
+
+
+def check_trainer_arguments(*, max_steps: Any, batch_points: Any, lr: Any, warmup_steps: Any, weight_decay: Any,
+                            val_fraction: Any, n_events: Any, num_workers: Any, seed: Any, log_every_n_steps: Any,
+                            checkpoint_every_n_steps: Any, val_every_n_steps: Any,
+                            gradient_clip_val: Any = None) -> None:
+    """Check the numeric arguments :func:`~pcfm.pretrain` and :func:`~pcfm.finetune` share, before
+    any work: an :class:`ArgumentError` names the first bad one (``max_steps=-1`` would train
+    forever, ``max_steps=0`` write no checkpoint, ``lr=nan`` diverge at the first step)."""
+    check_integer("max_steps", max_steps, 1)
+    check_integer("batch_points", batch_points, 1)
+    check_real("lr", lr, low_open=True)
+    check_integer("warmup_steps", warmup_steps, 0, optional=True)
+    check_real("weight_decay", weight_decay)
+    check_real("val_fraction", val_fraction, 0.0, 1.0)
+    check_integer("n_events", n_events, 1)
+    check_integer("num_workers", num_workers, 0)
+    check_integer("seed", seed, 0)
+    check_integer("log_every_n_steps", log_every_n_steps, 1)
+    check_integer("checkpoint_every_n_steps", checkpoint_every_n_steps, 1)
+    check_integer("val_every_n_steps", val_every_n_steps, 1, optional=True)
+    check_real("gradient_clip_val", gradient_clip_val, optional=True)

@@ -6,7 +6,9 @@ per layer, and per layer the energy-weighted centre and width along x, y (the Ca
 the sparsity (share of cells above threshold). Cells under the geometry's readout threshold
 are zeroed first, so generated showers are judged on what a detector would read out.
 
-A layer without energy has centres and widths 0 (the CaloChallenge convention), not NaN.
+A layer without energy has centres and widths 0 (the CaloChallenge convention), not NaN; a
+layer whose energy sits at one position (one hit cell) has width exactly 0 (widths are computed
+about the centre, and round-off below :data:`WIDTH_ROUND_OFF` of the mesh's radius is zeroed).
 Every per-layer quantity is a segmented sum over the layer's contiguous block of cells
 (``np.add.reduceat`` at the geometry's layer offsets), so irregular geometries (dataset 1) cost
 nothing extra; showers are processed in blocks to bound memory.
@@ -52,6 +54,15 @@ def high_level_features(showers: np.ndarray, incident_energies: np.ndarray,
     return features
 
 
+#: Widths below this share of the mesh's outer radius are round-off (a real width is at least
+#: about 1e-4 of a cell: the smallest energy share above threshold is about 1e-8).
+WIDTH_ROUND_OFF = 1e-10
+
+
+def _extent_mm(geometry: CylindricalGeometry) -> float:
+    return float(max(layer.r_edges_mm[-1] for layer in geometry.layers))
+
+
 _AXES = ("x", "y", "r")
 _PER_LAYER = ("energy", *(f"{a}_{q}" for a in _AXES for q in ("centre", "width")), "sparsity")
 
@@ -64,13 +75,19 @@ def _block_features(showers: np.ndarray, geometry: CylindricalGeometry) -> dict[
     positions = {"x": r * np.cos(alpha), "y": r * np.sin(alpha), "r": r}
     energy = _layer_sums(cells, offsets)
     safe_energy = np.where(energy > 0, energy, 1.0)
+    cells_per_layer = np.diff(offsets)
     out = {"energy": energy}
     for axis in _AXES:
-        weighted = cells * positions[axis]
-        mean = _layer_sums(weighted, offsets) / safe_energy
-        mean_square = _layer_sums(weighted * positions[axis], offsets) / safe_energy
+        mean = _layer_sums(cells * positions[axis], offsets) / safe_energy
+        # two passes (spread about the layer's centre), not E[p^2] - E[p]^2: a layer with one hit
+        # cell must have width 0, not the square root of a round-off (~1e-6 mm), which
+        # standardisation would then blow up (see pcfm.evaluation.distances)
+        spread = positions[axis] - np.repeat(mean, cells_per_layer, axis=1)
+        np.square(spread, out=spread)
+        spread *= cells  # in place: one (N, n_cells) array per axis, as before
+        width = np.sqrt(_layer_sums(spread, offsets) / safe_energy)
         out[f"{axis}_centre"] = mean
-        out[f"{axis}_width"] = np.sqrt(np.clip(mean_square - mean**2, 0.0, None))
+        out[f"{axis}_width"] = np.where(width > WIDTH_ROUND_OFF * _extent_mm(geometry), width, 0.0)
     out["sparsity"] = _layer_sums((cells > 0).astype(np.float64), offsets) / np.diff(offsets)
     return out
 

@@ -32,6 +32,8 @@ def markdown_summary(results: dict, folder: Path = Path(".")) -> str:
         for level, outcome in results["classifier"].items():
             lines.append(f"| classifier AUC, {level.replace('_', '-')} ({outcome['n_test']} test showers) "
                          f"| {outcome['auc']:.4f} |")
+    for warning in results.get("warnings") or []:
+        lines += ["", f"Warning: {warning}."]
     worst = sorted(sep["per_feature"].items(), key=lambda item: -item[1])[:10]
     lines += ["", "Features with the largest separation power:", "", "| feature | separation power |",
               "|---|---|", *(f"| {name} | {value:.4f} |" for name, value in worst)]

@@ -57,7 +57,7 @@ class Classification(DownstreamTask):
         return PARTICLE_CLASS_NAMES
 
     def build(self, width: int, hidden: int) -> None:
-        self.head = mlp_head(width, hidden, len(self.class_names))
+        self.head = mlp_head(width, hidden, len(self.class_names), norm=self.head_norm)
 
     def forward(self, output, batch) -> Tensor:
         return self.head(output.pooled)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pcfm.data.augment import augment_by_symmetry
-from pcfm.finetuning.task import TASKS, as_float_list, make_task
+from pcfm.finetuning.task import HEAD_NORMS, TASKS, as_float_list, make_task
 from pcfm.nn import Backbone, BackboneConfig, hide_condition
 from pcfm.engine.module import PcfmModule, check_finite
 
@@ -53,6 +53,9 @@ class FinetuneModule(PcfmModule):
             few hundred labelled events instead of learning from them.
         augment_seed: with the step, seeds the symmetries (a resumed run sees the same ones).
         task_options: options of a task other than the built-in ones (its ``OPTIONS``).
+        head_norm: "layer" or "batch", the first layer of an event-level head
+            (:func:`~pcfm.finetuning.task.mlp_head`); "layer" here, so that checkpoints written
+            before the choice existed rebuild as they were; :func:`pcfm.finetune` passes "batch".
     """
 
     checkpoint_kind = "finetune"
@@ -65,7 +68,8 @@ class FinetuneModule(PcfmModule):
                  lr: float = 1e-3, backbone_lr_scale: float = 0.1, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10, max_steps: int = 1000,
                  min_lr_ratio: float = 0.01, augment: bool = True, augment_seed: int = 0,
-                 class_names: Optional[Sequence[str]] = None, task_options: Optional[Mapping[str, Any]] = None):
+                 class_names: Optional[Sequence[str]] = None, task_options: Optional[Mapping[str, Any]] = None,
+                 head_norm: str = "layer"):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
@@ -78,6 +82,9 @@ class FinetuneModule(PcfmModule):
         self.task = make_task(task, targets=tuple(targets), target_mean=target_mean, target_std=target_std,
                               visible_energy_slope=visible_energy_slope, class_weights=class_weights,
                               class_names=class_names, **dict(task_options or {}))
+        if head_norm not in HEAD_NORMS:
+            raise ValueError(f"unknown head_norm {head_norm!r}; choose from {list(HEAD_NORMS)}")
+        self.task.head_norm = head_norm
         self.task.build(config.width, hidden)
         if mode == "linear":
             self.backbone.requires_grad_(False)
@@ -93,6 +100,7 @@ class FinetuneModule(PcfmModule):
             "augment": bool(augment), "augment_seed": int(augment_seed),
             "class_names": None if class_names is None or "class_names" not in self.task.OPTIONS else list(class_names),
             **({"task_options": dict(task_options)} if task_options else {}),
+            "head_norm": head_norm,
         })
 
     # ------------------------------------------------------------------ forward and loss

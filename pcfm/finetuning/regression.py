@@ -62,7 +62,7 @@ class Regression(DownstreamTask):
 
     def build(self, width: int, hidden: int) -> None:
         n = len(self.targets)
-        self.head = mlp_head(width + 1, hidden, n)
+        self.head = mlp_head(width + 1, hidden, n, norm=self.head_norm)
         nn.init.zeros_(self.head[-1].weight)  # start from the calibration alone
         nn.init.zeros_(self.head[-1].bias)
         self.calibration = nn.Linear(1, n)

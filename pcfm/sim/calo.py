@@ -60,7 +60,8 @@ import numpy as np
 import torch
 
 from pcfm.data.events import ELECTRON, PHOTON, PION, CaloShowers
-from pcfm.errors import GeometryError
+from pcfm.data.calochallenge import MAX_ENERGY_MEV
+from pcfm.errors import ArgumentError, GeometryError
 from pcfm.geometry import get as get_geometry
 from pcfm.geometry.base import Geometry
 from pcfm.geometry.cylindrical import CylindricalGeometry
@@ -495,42 +496,46 @@ def _row_sets(oblique: np.ndarray) -> list:
 
 
 # -- argument parsing ----------------------------------------------------------------------------
+# Errors name the argument (ArgumentError is a ValueError). Energies stop at the readers' bound
+# (MAX_ENERGY_MEV, 10 TeV): a shower above it could be simulated but not written or read back.
 def _check_count(n) -> int:
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        raise ArgumentError(f"n must be a non-negative integer, got {n!r}")
     return int(n)
 
 
 def _energies(energy, n: int, rng: np.random.Generator) -> np.ndarray:
     if isinstance(energy, tuple):
         if len(energy) != 2:
-            raise ValueError(f"an energy range must be (low, high) in MeV, got {energy!r}")
+            raise ArgumentError(f"energy: a range must be (low, high) in MeV, got {energy!r}")
         low, high = (float(e) for e in energy)
-        if not (np.isfinite(low) and np.isfinite(high) and 0 < low <= high):
-            raise ValueError(f"energy range must satisfy 0 < low <= high (MeV), got {energy!r}")
+        if not (np.isfinite(low) and np.isfinite(high) and 0 < low <= high <= MAX_ENERGY_MEV):
+            raise ArgumentError(f"energy: a range must satisfy 0 < low <= high <= {MAX_ENERGY_MEV:.0e} (MeV), "
+                                f"got {energy!r}")
         return np.exp(rng.uniform(np.log(low), np.log(high), n))
     values = np.asarray(energy, dtype=np.float64)
     if values.ndim == 0:
         values = np.full(n, float(values))
     if values.shape != (n,):
-        raise ValueError(f"energy must be a number, a (low, high) tuple or {n} values, got shape {values.shape}")
-    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
+        raise ArgumentError(f"energy must be a number, a (low, high) tuple or {n} values, got shape {values.shape}")
+    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0) | (values > MAX_ENERGY_MEV))
     if bad.size:
-        raise ValueError(f"energies must be positive and finite (MeV); shower {bad[0]} has {float(values[bad[0]])}")
+        raise ArgumentError(f"energy: energies must be positive and finite, at most {MAX_ENERGY_MEV:.0e} MeV; "
+                            f"shower {bad[0]} has {float(values[bad[0]])}")
     return values
 
 
 def _angles(theta, n: int, rng: np.random.Generator) -> np.ndarray:
     if isinstance(theta, tuple):
         if len(theta) != 2:
-            raise ValueError(f"a theta range must be (low, high) in radians, got {theta!r}")
+            raise ArgumentError(f"a theta range must be (low, high) in radians, got {theta!r}")
         low, high = (float(t) for t in theta)
         if not (0 < low <= high < np.pi):
-            raise ValueError(f"theta range must satisfy 0 < low <= high < pi, got {theta!r}")
+            raise ArgumentError(f"theta range must satisfy 0 < low <= high < pi, got {theta!r}")
         return rng.uniform(low, high, n)
     value = float(theta)
     if not 0 < value < np.pi:
-        raise ValueError(f"theta must lie in (0, pi) radians (pi/2 is normal incidence), got {theta!r}")
+        raise ArgumentError(f"theta must lie in (0, pi) radians (pi/2 is normal incidence), got {theta!r}")
     return np.full(n, value)
 
 
@@ -538,15 +543,15 @@ def _particles(particle, n: int) -> np.ndarray:
     if isinstance(particle, str):
         code = PARTICLE_ALIASES.get(particle.lower())
         if code is None:
-            raise ValueError(f"unknown particle {particle!r}; known: {', '.join(PARTICLE_ALIASES)} or PDG codes "
-                             f"{SUPPORTED_PDG}")
+            raise ArgumentError(f"unknown particle {particle!r}; known: {', '.join(PARTICLE_ALIASES)} or PDG codes "
+                                f"{SUPPORTED_PDG}")
         return np.full(n, code, dtype=np.int64)
     codes = np.asarray(particle)
     if codes.ndim == 0:
         codes = np.full(n, codes)
     if codes.shape != (n,) or not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"particle must be a name, a PDG code or {n} PDG codes, got {particle!r}")
+        raise ArgumentError(f"particle must be a name, a PDG code or {n} PDG codes, got {particle!r}")
     unknown = np.setdiff1d(codes, SUPPORTED_PDG)
     if unknown.size:
-        raise ValueError(f"unsupported PDG code {int(unknown[0])}; supported: {SUPPORTED_PDG}")
+        raise ArgumentError(f"particle: unsupported PDG code {int(unknown[0])}; supported: {SUPPORTED_PDG}")
     return codes.astype(np.int64)

@@ -4,10 +4,11 @@ import re
 import struct
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
-from pcfm.data.calochallenge import write_calochallenge
+from pcfm.data.calochallenge import read_calochallenge, write_calochallenge
 from pcfm.data.events import CaloShowers
 from pcfm.errors import DataError, GeometryError
 from pcfm.api import evaluate
@@ -303,16 +304,107 @@ def test_bad_inputs_name_the_sample_and_event(photons, tmp_path):
     incident = generated.incident_energies.copy()
     incident[3] = 0.0
     with pytest.raises(DataError, match=r"^<in-memory data>: event 3: generated showers: incident energy must be "
-                                        r"positive and finite$"):
+                                        r"positive, finite and at most 1e\+07 MeV$"):
         evaluate(CaloShowers(incident, generated.showers, generated.geometry), reference, classifier=False)
     cells = reference.showers.copy()
     cells[7, 5] = np.nan
     with pytest.raises(DataError, match=r"event 7: reference showers: non-finite cell energy"):
         evaluate(generated, CaloShowers(reference.incident_energies, cells, reference.geometry), classifier=False)
-    with pytest.raises(DataError, match="showers have 368 cells but geometry 'calochallenge-ds2' has 6480"):
+    with pytest.raises(GeometryError, match="geometry 'calochallenge-ds2' contradicts the generated showers "
+                                            r"\(in memory\), which name geometry 'calochallenge-ds1-photons'"):
         evaluate(generated, reference, "calochallenge-ds2", classifier=False)
+    unnamed = [CaloShowers(s.incident_energies, s.showers) for s in (generated, reference)]
+    with pytest.raises(DataError, match="showers have 368 cells but geometry 'calochallenge-ds2' has 6480"):
+        evaluate(*unnamed, "calochallenge-ds2", classifier=False)
     with pytest.raises(GeometryError, match="cylindrical calorimeter geometry"):
         evaluate(generated, reference, "lartpc-768", classifier=False)
     write_calochallenge(tmp_path / "few.h5", generated.subset(slice(0, 3)))
-    with pytest.raises(DataError, match=r"few\.h5: the generated sample needs at least 4 showers"):
+    with pytest.raises(DataError, match=r"few\.h5: too few showers: the generated sample needs at least 4 showers, "
+                                        r"got 3"):
         evaluate(tmp_path / "few.h5", reference, classifier=False)
+    cells = reference.showers.copy()
+    cells[9, 5] = 1e30
+    with pytest.raises(DataError, match=r"event 9: reference showers: cell energy above 1e\+07 MeV \(10 TeV\), "
+                                        r"out of range"):
+        evaluate(generated, CaloShowers(reference.incident_energies, cells, reference.geometry), classifier=False)
+
+
+# --- geometries the samples name, and small samples ------------------------------------------
+@pytest.fixture(scope="module")
+def dataset2_mesh_files(tmp_path_factory):
+    """Two small files on the 6480-cell mesh: one named calochallenge-ds2, one par04-scipb."""
+    folder = tmp_path_factory.mktemp("mesh")
+    paths = {}
+    for name, seed in (("calochallenge-ds2", 1), ("par04-scipb", 2)):
+        paths[name] = folder / f"{name}.h5"
+        write_calochallenge(paths[name], simulate_showers(name, 8, energy=(1e3, 1e4), seed=seed))
+    return paths
+
+
+def test_samples_of_different_geometries_are_refused_unless_allowed(dataset2_mesh_files, tmp_path):
+    """ds2 against par04-scipb (both 6480 cells) was once evaluated silently as ds2."""
+    ds2, scipb = dataset2_mesh_files["calochallenge-ds2"], dataset2_mesh_files["par04-scipb"]
+    both = (rf"the generated showers \({re.escape(str(ds2))}\) name geometry 'calochallenge-ds2' but the reference "
+            rf"showers \({re.escape(str(scipb))}\) name 'par04-scipb': different detectors; pass "
+            r"allow_geometry_mismatch=True")
+    with pytest.raises(GeometryError, match=both):
+        evaluate(ds2, scipb, classifier=False, progress=False)
+    with pytest.raises(GeometryError, match=rf"geometry 'par04-scipb' contradicts the generated showers "
+                                            rf"\({re.escape(str(ds2))}\), which name geometry 'calochallenge-ds2'"):
+        evaluate(ds2, ds2, "par04-scipb", classifier=False, progress=False)
+    in_memory = read_calochallenge(ds2)
+    with pytest.raises(GeometryError, match=r"generated showers \(in memory\) name geometry 'calochallenge-ds2'"):
+        evaluate(in_memory, scipb, classifier=False, progress=False)
+    # a file that names no geometry is read as the preset of its cell count: ds2 for 6480 cells
+    unnamed = tmp_path / "unnamed.h5"
+    with h5py.File(unnamed, "w") as f:
+        f["incident_energies"] = in_memory.incident_energies.reshape(-1, 1)
+        f["showers"] = in_memory.showers
+    with pytest.raises(GeometryError, match=r"are read by default \(by their cell count\) as geometry "
+                                            r"'calochallenge-ds2' "
+                                            r"but .* name 'par04-scipb'.*give geometry= \(--geometry\)"):
+        evaluate(unnamed, scipb, classifier=False, progress=False)
+    assert evaluate(unnamed, scipb, "par04-scipb", classifier=False, progress=False)["geometry"] == "par04-scipb"
+
+    allowed = evaluate(ds2, scipb, classifier=False, progress=False, allow_geometry_mismatch=True)
+    assert allowed["geometry"] == "par04-scipb"  # the reference's
+    assert "both evaluated as 'par04-scipb' (allow_geometry_mismatch)" in allowed["warnings"][0]
+    forced = evaluate(ds2, scipb, "calochallenge-ds2", classifier=False, progress=False, allow_geometry_mismatch=True)
+    assert forced["geometry"] == "calochallenge-ds2" and "contradicts the reference showers" in forced["warnings"][0]
+    same = evaluate(ds2, ds2, classifier=False, progress=False)
+    assert same["geometry"] == "calochallenge-ds2" and not any("geometr" in w for w in same["warnings"])
+
+
+def test_small_samples_give_finite_distances_and_say_why_they_are_weak():
+    """12 against 12 ds2 showers gave FPD 1.4e17 and KPD -1.9e19: a layer with one hit cell had a width of
+    sqrt(round-off) ~1e-7 mm, and the standardisation divided by its spread."""
+    generated = simulate_showers("calochallenge-ds2", 12, seed=6)
+    reference = simulate_showers("calochallenge-ds2", 12, seed=7)
+    results = evaluate(generated, reference, classifier=False, progress=False)
+    assert np.isfinite(results["fpd"]) and results["fpd"] < 1e4
+    assert np.isfinite(results["kpd"]) and abs(results["kpd"]) < 100
+    assert results["warnings"] == [
+        "FPD and KPD on 12 generated and 12 reference showers of 362 features: the covariances are singular and "
+        "the Frechet distance is dominated by its small-sample bias (of order 362^2 / showers); compare only "
+        "evaluations of equal sizes, and use at least 363 showers a side for full-rank estimates"]
+    assert "Warning: FPD and KPD on 12 generated" in report_module.markdown_summary(results)
+
+
+def test_one_hit_cell_has_width_zero_and_round_off_columns_are_not_blown_up():
+    geometry = get_geometry("calochallenge-ds2")
+    rng = np.random.default_rng(0)
+    cells = np.zeros((50, geometry.n_cells), np.float32)
+    for k in range(50):  # one cell of random energy per shower
+        cells[k, geometry.cell_index(int(rng.integers(45)), int(rng.integers(16)), int(rng.integers(9)))] = \
+            rng.uniform(0.1, 5e4)
+    features = high_level_features(cells, np.full(50, 1e5), geometry)
+    widths = np.concatenate([v for name, v in features.items() if name.endswith("_width")])
+    assert np.count_nonzero(widths) == 0  # was up to 5e-7 mm
+    # a reference column constant up to round-off is scaled by the spread of both samples together
+    reference = np.array([[0.0], [1e-9], [0.0], [2e-9]])
+    generated = np.array([[3.0], [4.0], [5.0], [0.0]])
+    gen_std, ref_std = standardise(generated, reference)
+    pooled = np.concatenate([generated, reference]).std()
+    np.testing.assert_allclose(gen_std[:, 0], (generated[:, 0] - reference.mean()) / pooled)
+    assert np.abs(gen_std).max() < 10
+    np.testing.assert_allclose(standardise(np.ones((3, 1)), np.ones((3, 1)))[0], 0.0)  # constant in both: shifted

@@ -144,10 +144,56 @@ def test_showers_that_stay_empty_are_named_and_never_written(tmp_path):
     untrained = pcfm.api.pretrain("diffusion", geometry=GEOMETRY, n_events=24, max_steps=2, batch_points=4000,
                                   val_fraction=0, workdir=tmp_path / "run", progress=False)
     out = tmp_path / "gen.h5"
-    with pytest.raises(PcfmError, match=r"gen\.h5: not written: \d+ of 6 generated showers \(first: shower \d+\) "
-                                        r"deposit nothing in any cell of calochallenge-ds2 after 3 redraws"):
+    with pytest.raises(PcfmError, match=r"^generated shower \d \(incident energy 10000 MeV\)( and \d more of the 6 "
+                                        r"\(showers? [\d, ]+\))? ha(s|ve) no cell above the readout threshold of "
+                                        r"calochallenge-ds2 \(0\.01515 MeV\): the model generated no cell above it, "
+                                        r"even after 3 redraws .* Nothing was written to .*gen\.h5\.$"):
         generate(untrained.checkpoint_path, GEOMETRY, [1e4] * 6, steps=2, device="cpu", seed=0, out=out)
     assert not out.exists()
-    with pytest.warns(UserWarning, match=r"of 6 generated showers .* Is the model trained"):
+    with pytest.warns(UserWarning, match=r"generated shower \d .* Is the model trained"):
         result = generate(untrained.checkpoint_path, GEOMETRY, [1e4] * 6, steps=2, device="cpu", seed=0)
     assert len(result.points) == 6
+
+
+@pytest.mark.parametrize("energies, options, problem", [
+    ([], {}, "energies: give at least one incident energy"),
+    ([100.0, float("nan")], {}, "shower 1 has nan"),
+    ([float("inf")], {}, "shower 0 has inf"),
+    ([0.0], {}, "shower 0 has 0.0"),
+    ([2e7], {}, r"at most 1e\+07 MeV; shower 0 has 20000000.0"),
+    ([100.0], {"steps": 0}, "steps must be a whole number >= 1, got 0"),
+    ([100.0], {"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+    ([100.0], {"theta": 4.0}, r"theta must lie in \(0, pi\) radians"),
+    ([100.0], {"phi": float("nan")}, "phi must be finite"),
+])
+def test_bad_requests_are_argument_errors_before_the_checkpoint_is_read(tmp_path, energies, options, problem):
+    from pcfm.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=problem):  # the checkpoint does not exist: not read
+        generate(tmp_path / "missing.ckpt", GEOMETRY, energies, device="cpu", **options)
+
+
+def test_showers_emptied_by_the_energy_calibration_are_named(pretrained, monkeypatch, tmp_path):
+    """Once blamed on the output file ("gen.h5: event 1: empty shower")."""
+    diffusion = pretrained.module.objectives["diffusion"]
+    real = ShowerDataset(simulate_showers(GEOMETRY, 2, energy=(100.0, 300.0), seed=9))
+
+    def sample(backbone, template, **options):  # real showers' points: none is empty before calibration
+        counts = torch.bincount(template.batch).tolist()
+        pos = [np.resize(real[i].pos.numpy(), (n, 3)) for i, n in enumerate(counts)]
+        energy = [np.resize(real[i].energy.numpy(), n) for i, n in enumerate(counts)]
+        return torch.from_numpy(np.concatenate(pos)), torch.from_numpy(np.concatenate(energy))
+
+    def draw(incident_energy, geometry, n_points, generator):  # shower 1 gets a visible energy of 1 keV
+        return torch.tensor([100.0, 1e-3])
+
+    monkeypatch.setattr(diffusion, "sample", sample)
+    monkeypatch.setattr(diffusion, "sample_visible_energy", draw)
+    out = tmp_path / "gen.h5"
+    with pytest.raises(PcfmError, match=r"^generated shower 1 \(incident energy 200 MeV\) has no cell above the "
+                                        r"readout threshold of calochallenge-ds2 \(0\.01515 MeV\): once rescaled to "
+                                        r"the visible energy drawn for it \(0\.001 MeV\), every cell the model "
+                                        r"generated falls under it; calibrate_energy=False keeps the sampled totals\. "
+                                        r"Nothing was written to .*gen\.h5\.$"):
+        generate(pretrained.module, GEOMETRY, [150.0, 200.0], device="cpu", seed=0, out=out)
+    assert not out.exists()

@@ -1,4 +1,5 @@
 """pcfm.pretrain(init_from=...): a new run that starts from another run's weights (not a resume)."""
+import lightning as L
 import pytest
 import torch
 
@@ -23,14 +24,23 @@ def source(tmp_path_factory):
                     workdir=tmp_path_factory.mktemp("source"), **FAST)
 
 
+class StartingWeights(L.Callback):
+    """The module's weights when training starts (after setup fitted the data statistics, before
+    the first step): what a run of zero steps would return (max_steps must be >= 1)."""
+
+    def on_train_start(self, trainer, module):
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def test_a_new_run_starts_from_the_checkpoint_weights_with_a_fresh_schedule(source, tmp_path):
-    """Zero steps of a new run leave exactly the checkpoint's weights (data statistics aside),
-    and its step count and learning-rate schedule start from 0."""
+    """A new run starts from exactly the checkpoint's weights (data statistics aside), and its
+    step count and learning-rate schedule start from 0."""
     target = showers("par04-scipb", 1)
-    start = pretrain("diffusion", target, max_steps=0, workdir=tmp_path / "zero", init_from=source.checkpoint_path,
-                     **FAST)
+    snapshot = StartingWeights()
+    start = pretrain("diffusion", target, max_steps=1, workdir=tmp_path / "zero", init_from=source.checkpoint_path,
+                     callbacks=[snapshot], **FAST)
     trained = PretrainModule.load_from_checkpoint(source.checkpoint_path).state_dict()
-    copied = start.module.state_dict()
+    copied = snapshot.state
     assert start.module.hparams["backbone"] == source.module.hparams["backbone"]  # model=None: the checkpoint's
     refitted = {f"objectives.diffusion.{name}" for name in ("n_points_quantiles", "n_points_events",
                                                              "visible_energy_quantiles", "visible_energy_events",
@@ -55,9 +65,11 @@ def test_a_new_run_starts_from_the_checkpoint_weights_with_a_fresh_schedule(sour
     assert not torch.equal(adapted.module.state_dict()[head].cpu(), trained[head])  # and it trains on
 
     # the same run from scratch starts elsewhere: the copy is what made the difference
-    scratch = pretrain("diffusion", target, model=MODEL, max_steps=0, workdir=tmp_path / "scratch", **FAST)
+    fresh = StartingWeights()
+    scratch = pretrain("diffusion", target, model=MODEL, max_steps=1, workdir=tmp_path / "scratch",
+                       callbacks=[fresh], **FAST)
     assert scratch.initialised_from is None
-    assert not torch.equal(scratch.module.state_dict()[head], trained[head])
+    assert not torch.equal(fresh.state[head], trained[head])
 
 
 def test_shared_parts_are_copied_and_new_heads_start_fresh(source, tmp_path):

@@ -163,11 +163,22 @@ def test_corrupt_truncated_and_foreign_checkpoints_name_the_file(finished, tmp_p
         PretrainModule.load_from_checkpoint(foreign)
     with pytest.raises(FileNotFoundError, match="missing.ckpt: no such checkpoint file"):
         PretrainModule.load_from_checkpoint(tmp_path / "missing.ckpt")
-    # A corrupt last.ckpt in a run folder stops the resume with the same message.
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    shutil.copy(truncated, tmp_path / "run" / "checkpoints" / "last.ckpt")
-    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}: not a")):
-        pretrain(workdir=tmp_path / "run", max_steps=1, **FAST)
+    # A folder is not "no such file"; a run's folder points to its checkpoint.
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: is a folder, not a checkpoint file") + "$"):
+        PretrainModule.load_from_checkpoint(tmp_path)
+    inside = re.escape(f"{finished.workdir}: is a folder, not a checkpoint file; give the checkpoint file inside "
+                       f"it, e.g. {finished.checkpoint_path}")
+    with pytest.raises(CheckpointError, match=inside):
+        pretrain(workdir=tmp_path / "init", max_steps=1, init_from=finished.workdir, **FAST)
+    # A corrupt last.ckpt in a run folder stops the resume with the same message, and says what to do.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(truncated, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoints' / 'last.ckpt'}: not a readable ")
+                       + ".*" + re.escape(f"; cannot resume from it: pass resume=False to start afresh in {run} "
+                                          f"(its checkpoints are deleted) or use another workdir")):
+        pretrain(workdir=run, max_steps=1, **FAST)
+    assert pretrain(workdir=run, max_steps=1, resume=False, **FAST).checkpoint_path.is_file()
 
 
 def test_pretrain_on_calochallenge_files(tmp_path):

@@ -3,6 +3,7 @@ import re
 
 import h5py
 import numpy as np
+import pytest
 
 from pcfm.cli.main import main
 from pcfm.data import read_calochallenge, read_pilarnet_event
@@ -131,3 +132,87 @@ def test_evaluate_two_simulated_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "separation power: mean" in out and "classifier AUC (high-level)" in out
     assert report.is_file() and report.with_suffix(".md").is_file()
+
+
+# --- user mistakes: one line on stderr, exit code 2, in every sub-command -----------------------
+MISTAKES = [
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "0"], "--energy: values must be positive"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "nan"], "--energy: values must be positive"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "inf"], "--energy: values must be positive"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy=-5"], "--energy: values must be positive"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "0:1e4"], "with LO <= HI, got '0:1e4'"),  # log 0
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "1e4:10"], "with LO <= HI, got '1e4:10'"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "lots"], "--energy: expected a number or a range"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--n", "0"], "--n must be at least 1, got 0"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--steps", "0"], "--steps must be at least 1"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--theta-deg", "200"], "--theta-deg: angles must lie in (0, 180)"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt", "--energy", "2e7"], "energies: incident energies must be"),
+    (["generate", "--checkpoint", "{tmp}/none.ckpt"], "none.ckpt"),
+    (["simulate", "calo", "--energy=-5", "--out", "{tmp}/x.h5"], "--energy: values must be positive"),
+    (["simulate", "calo", "--energy", "1e8", "--out", "{tmp}/x.h5"], "energy: energies must be positive and finite"),
+    (["simulate", "calo", "--n", "0", "--out", "{tmp}/x.h5"], "--n must be at least 1"),
+    (["simulate", "calo", "--theta-deg", "0:90", "--out", "{tmp}/x.h5"], "--theta-deg: angles must lie in (0, 180)"),
+    (["simulate", "calo", "--particle", "muon", "--out", "{tmp}/x.h5"], "unknown particle 'muon'"),
+    (["simulate", "lartpc", "--n", "0", "--out", "{tmp}/x.h5"], "--n must be at least 1"),
+    (["simulate", "lartpc", "--points", "500:100", "--out", "{tmp}/x.h5"], "--points: values must be positive"),
+    (["simulate", "lartpc", "--points", "500", "--out", "{tmp}/x.h5"], "--points takes a range LO:HI"),
+    (["pretrain", "model=huge", "workdir={tmp}/run"], "unknown backbone preset 'huge'"),
+    (["finetune", "task=foo", "workdir={tmp}/run"], "unknown task 'foo'"),
+    (["inspect", "{tmp}/none.h5"], "none.h5: no such file"),
+    (["evaluate", "{tmp}/none.h5", "{tmp}/none.h5"], "none.h5: no such file"),
+    (["quickstart", "--steps", "0", "--workdir", "{tmp}/q"], "--steps must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv, problem", MISTAKES, ids=[" ".join(a for a in argv if "{tmp}" not in a)
+                                                           for argv, _ in MISTAKES])
+def test_user_mistakes_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, argv, problem):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PCFM_TRACEBACK", raising=False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    command = " ".join(argv[:2]) if argv[0] == "simulate" else argv[0]
+    assert captured.err.startswith(f"pcfm {command}: error: ") and captured.err.count("\n") == 1, captured.err
+    assert problem in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_inspect_fails_on_a_file_without_events_and_names_it(tmp_path, capsys):
+    from pcfm.data import write_pilarnet
+
+    path = tmp_path / "none.h5"
+    write_pilarnet(path, [])
+    assert main(["inspect", str(path)]) == 2
+    assert f"pcfm inspect: error: {path}: holds no events" in capsys.readouterr().err
+
+
+def test_inspect_reports_values_out_of_range(tmp_path, capsys):
+    path = tmp_path / "absurd.h5"
+    assert main(["simulate", "calo", "--n", "4", "--energy", "2000", "--out", str(path)]) == 0
+    with h5py.File(path, "r+") as f:
+        f["showers"][2, 7] = 1e30
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "4 events" in out and "1 bad" in out
+    assert f"{path}: event 2: cell energy 1e+30 MeV in cell 7 is out of range" in out
+
+
+def test_evaluate_refuses_files_of_different_geometries_unless_told(tmp_path, capsys):
+    files = []
+    for geometry, seed in (("calochallenge-ds2", "1"), ("par04-scipb", "2")):
+        files.append(str(tmp_path / f"{geometry}.h5"))
+        assert main(["simulate", "calo", "--geometry", geometry, "--n", "6", "--energy", "1000:10000",
+                     "--seed", seed, "--out", files[-1]]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *files, "--no-classifier"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pcfm evaluate: error: the generated showers") and err.count("\n") == 1
+    assert f"({files[0]}) name geometry 'calochallenge-ds2'" in err and f"({files[1]}) name 'par04-scipb'" in err
+    assert "--allow-geometry-mismatch" in err
+    assert main(["evaluate", *files, "--no-classifier", "--geometry", "par04-scipb"]) == 2
+    assert "geometry 'par04-scipb' contradicts the generated showers" in capsys.readouterr().err
+    assert main(["evaluate", *files, "--no-classifier", "--allow-geometry-mismatch"]) == 0
+    out = capsys.readouterr().out
+    assert "both evaluated as 'par04-scipb'" in out and "FPD" in out

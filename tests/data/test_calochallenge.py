@@ -2,6 +2,7 @@
 atomic writes and lazy reading."""
 import os
 import pickle
+import re
 
 import h5py
 import numpy as np
@@ -275,3 +276,45 @@ def test_bad_optional_datasets_are_named(tmp_path):
     write_raw(path, showers.showers, showers.incident_energies.reshape(-1, 1), phi=np.zeros(3))
     with pytest.raises(DataError, match="optional dataset 'phi' must have shape \\(4,\\) or \\(4, 1\\)"):
         read_calochallenge(path)
+
+
+# --- values that are finite but absurd -------------------------------------------------------------
+@pytest.mark.parametrize("dtype, event, damage, problem", [
+    (np.float32, 2, lambda s, e: s.__setitem__((2, 40), 1e30),
+     "cell energy 1e+30 MeV in cell 40 is out of range (above 1e+07 MeV, 10 TeV)"),
+    # finite in a float64 file, inf once cast to float32: out of range, not "NaN or inf"
+    (np.float64, 3, lambda s, e: s.__setitem__((3, 41), 1e39),
+     "cell energy 1e+39 MeV in cell 41 is out of range"),
+    (np.float32, 4, lambda s, e: e.__setitem__(4, 1e30), "incident energy 1e+30 MeV is out of range"),
+    (np.float64, 4, lambda s, e: e.__setitem__(4, 1e39), "incident energy 1e+39 MeV is out of range"),
+])
+def test_out_of_range_energies_are_named_and_skipped(tmp_path, dtype, event, damage, problem):
+    from pcfm.data import open_dataset
+
+    showers = make_showers(n=6)
+    cells, incident = showers.showers.astype(dtype), showers.incident_energies.astype(dtype)
+    damage(cells, incident)
+    path = tmp_path / "absurd.h5"
+    write_raw(path, cells, incident.reshape(-1, 1))
+    with pytest.raises(DataError) as err:
+        read_calochallenge(path)
+    assert str(err.value).startswith(f"{path}: event {event}: {problem}")
+    with pytest.warns(SkippedEventsWarning, match="skipped 1 bad event"):
+        assert len(read_calochallenge(path, on_error="skip")) == 5
+    with pytest.raises(DataError, match=re.escape(f"event {event}: {problem}")):
+        CaloChallengeFile(path)[event]
+    dataset = open_dataset(path, on_error="skip")
+    report = dataset.scan()
+    assert report.n_skipped == 1 and report.problems[0].event == event and "out of range" in str(report.problems[0])
+    assert len(dataset) == 5
+    with pytest.raises(DataError, match=f"event {event}: .*out of range"):  # the writer checks the values given
+        write_calochallenge(tmp_path / "out.h5", CaloShowers(incident, cells, DS2))
+
+
+def test_a_file_without_events_is_refused_by_the_datasets(tmp_path):
+    from pcfm.data import open_dataset
+
+    path = tmp_path / "none.h5"
+    write_raw(path, np.zeros((0, geometry_cells(DS2)), np.float32), np.zeros((0, 1), np.float32))
+    with pytest.raises(DataError, match=f"^{path}: holds no events"):
+        open_dataset(path)

@@ -192,3 +192,39 @@ def test_bad_layouts_name_the_file(tmp_path):
     garbage.write_bytes(b"CaloClouds? no." * 50)
     with pytest.raises(DataError, match=re.escape(f"{garbage}: not an HDF5 file")):
         read_caloclouds(garbage)
+
+
+def test_absurd_coordinates_and_energies_are_named_and_counted(tmp_path):
+    """Finite values beyond any detector (1e30 mm, 1e30 GeV; 1e39 in a float64 file) are out of range."""
+    rng = np.random.default_rng(9)
+    base = padded_showers(rng, (3, 4, 2, 5))
+    cases = []
+    far = base.copy()
+    row = int(np.flatnonzero(far[1, :, 3] > 0)[1])
+    far[1, row, 2] = 1e30
+    cases.append((far, np.float32, f"point {row} has z = 1e+30, out of range (|z| above 1e+05, 100 m)"))
+    hot = base.copy()
+    row = int(np.flatnonzero(hot[1, :, 3] > 0)[0])
+    hot[1, row, 3] = 1e30
+    cases.append((hot, np.float32, f"point {row} has energy 1e+33 MeV, out of range (above 1e+07 MeV, 10 TeV)"))
+    overflow = base.astype(np.float64)
+    row = int(np.flatnonzero(overflow[1, :, 3] > 0)[0])
+    overflow[1, row, 0] = 1e39  # finite in the file, inf in float32: not "NaN or inf"
+    cases.append((overflow, np.float64, f"point {row} has x = 1e+39, out of range"))
+    for k, (events, dtype, problem) in enumerate(cases):
+        path = tmp_path / f"absurd{k}.h5"
+        with h5py.File(path, "w") as f:
+            f["events"] = events.astype(dtype)
+            f["energy"] = np.ones(4, dtype)
+        message = re.escape(f"{path}: event 1: {problem}")
+        with pytest.raises(DataError, match=message):
+            read_caloclouds(path)
+        with pytest.raises(DataError, match=message):
+            CaloCloudsDataset(path)[1]
+        lenient = CaloCloudsDataset(path, on_error="skip")
+        assert lenient[1].n_points == 2 and len(lenient.skipped) == 1  # the next shower stands in
+        report = CaloCloudsDataset(path).scan()
+        assert (report.n_checked, report.n_skipped) == (4, 1) and re.match(message, str(report.problems[0]))
+    incident = write_file(tmp_path / "incident.h5", base, [[1.0], [1e30], [1.0], [1.0]])
+    with pytest.raises(DataError, match=re.escape(f"{incident}: event 1: incident energy 1e+33 MeV is out of range")):
+        read_caloclouds(incident)

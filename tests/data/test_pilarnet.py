@@ -30,10 +30,10 @@ def random_event(rng: np.random.Generator, version: int, n_clusters: int | None 
     return LArEvent(points, np.stack(columns, axis=1).astype(np.int64), extra)
 
 
-def write_raw(path, points, clusters, extras=None, cluster_dtype=np.int64):
+def write_raw(path, points, clusters, extras=None, cluster_dtype=np.int64, point_dtype=np.float32):
     """Write flat per-event arrays as they are, bypassing every check (to build bad files)."""
     with h5py.File(path, "w") as f:
-        f.create_dataset("point", data=_objects(points, np.float32), dtype=h5py.vlen_dtype(np.float32))
+        f.create_dataset("point", data=_objects(points, point_dtype), dtype=h5py.vlen_dtype(point_dtype))
         f.create_dataset("cluster", data=_objects(clusters, cluster_dtype), dtype=h5py.vlen_dtype(cluster_dtype))
         if extras is not None:
             f.create_dataset("cluster_extra", data=_objects(extras, np.float32), dtype=h5py.vlen_dtype(np.float32))
@@ -94,10 +94,18 @@ def test_writer_streams_a_generator_in_blocks(tmp_path, rng):
         assert_same_event(read_pilarnet_event(path, i), events[i])
 
 
-def test_empty_event_list_writes_an_empty_v1_file(tmp_path):
+def test_empty_event_list_writes_an_empty_v1_file_that_the_dataset_refuses_by_name(tmp_path):
     path = tmp_path / "empty.h5"
     assert write_pilarnet(path, []) == 0
-    assert len(PILArNetDataset(path)) == 0
+    with h5py.File(path) as f:
+        assert f["point"].shape == (0,) and "cluster_extra" not in f
+    # an empty data set would fail later, in training, naming no file
+    with pytest.raises(DataError, match=re.escape(f"{path}: holds no events")):
+        PILArNetDataset(path)
+    other = tmp_path / "other.h5"
+    assert write_pilarnet(other, []) == 0
+    with pytest.raises(DataError, match=re.escape(f"{path}: holds no events, nor do the other 1 file(s) given")):
+        PILArNetDataset([path, other])
 
 
 def test_reader_accepts_float_and_int32_cluster_entries(tmp_path, rng):
@@ -364,3 +372,73 @@ def test_events_of_equal_size_round_trip(tmp_path, version):
     write_pilarnet(path, events)
     for i, event in enumerate(events):
         assert_same_event(read_pilarnet_event(path, i), event)
+
+
+# --- values that are finite but absurd, and what the messages say -------------------------------
+
+def _absurd_cases(rng):
+    """(name, points, clusters, point dtype, expected problem) for event 1 of a two-event file."""
+    e = random_event(rng, 1, n_clusters=3)
+    outside = e.points.copy()
+    outside[[2, 5], 0] = [800.0, 900.0]
+    huge = e.points.copy()
+    huge[1, 2] = 2e38  # a float32, but inf once converted to mm (was caught only as a diverged loss)
+    below = e.points.copy()
+    below[0, 1] = -1.0
+    energy = e.points.copy()
+    energy[3, 3] = 1e30
+    overflow = e.points.astype(np.float64)
+    overflow[4, 5] = 1e39  # finite in the file, inf in float32
+    big_coordinate = e.points.astype(np.float64)
+    big_coordinate[0, 0] = 1e39
+    negative = e.clusters.copy()  # sizes still sum to the number of points
+    negative[:2, 0] = [negative[0, 0] + negative[1, 0] + 3, -3]
+    return [
+        ("outside", outside, e.clusters, np.float32,
+         f"2 points lie outside the 768x768x768 voxel box (first: point 2 at voxel (800, {outside[2, 1]:.6g}, "
+         f"{outside[2, 2]:.6g}))"),
+        ("huge", huge, e.clusters, np.float32, "1 points lie outside the 768x768x768 voxel box (first: point 1 at"),
+        ("below", below, e.clusters, np.float32, "1 points lie outside the 768x768x768 voxel box (first: point 0 at"),
+        ("energy", energy, e.clusters, np.float32,
+         "point 3 has energy 1e+30 MeV, out of range (above 1e+07 MeV, 10 TeV)"),
+        ("overflow", overflow, e.clusters, np.float64,
+         "'point' value 1e+39 (time of row 4) is out of range: it overflows float32"),
+        ("big_coordinate", big_coordinate, e.clusters, np.float64,
+         "1 points lie outside the 768x768x768 voxel box (first: point 0 at voxel (1e+39"),
+        ("negative_size", e.points, negative, np.float32, "cluster 1 has a negative size (-3 points)"),
+    ]
+
+
+def test_absurd_values_are_named_and_counted_by_skip_and_scan(tmp_path, rng):
+    good = random_event(rng, 1)
+    for name, points, clusters, dtype, problem in _absurd_cases(rng):
+        path = tmp_path / f"{name}.h5"
+        write_raw(path, [good.points, points], [good.clusters, clusters], point_dtype=dtype)
+        message = re.escape(f"{path}: event 1: {problem}")
+        with pytest.raises(DataError, match=message):
+            read_pilarnet_event(path, 1)
+        assert read_pilarnet_event(path, 0).points.dtype == np.float32
+        with pytest.raises(DataError, match=message):
+            PILArNetDataset(path)[1]
+        lenient = PILArNetDataset(path, on_error="skip")
+        assert_same_event(lenient[1], good)  # the good event stands in
+        assert len(lenient.skipped) == 1 and re.match(message, str(lenient.skipped[0]))
+        report = PILArNetDataset(path, on_error="skip").scan()
+        assert report.n_checked == 2 and report.n_skipped == 1, name
+        with pytest.raises(DataError, match=re.escape(problem)):  # the writer refuses them too
+            write_pilarnet(tmp_path / "out.h5", [LArEvent(points, clusters)])
+
+
+def test_the_box_follows_the_geometry(tmp_path, rng):
+    from pcfm.data import LArTPCDataset
+    from pcfm.geometry import VoxelGridGeometry
+
+    event = random_event(rng, 1)
+    event.points[:, :3] = np.minimum(event.points[:, :3], 99.0)
+    event.points[0, :3] = [150.0, 10.0, 10.0]
+    path = tmp_path / "small_box.h5"
+    write_pilarnet(path, [event])  # inside the default 768^3 box
+    small = VoxelGridGeometry("small-box", shape=(200, 100, 100))
+    assert len(LArTPCDataset(path, small)) == 1 and LArTPCDataset(path, small)[0].num_nodes == event.points.shape[0]
+    with pytest.raises(DataError, match=re.escape("1 points lie outside the 100x100x100 voxel box")):
+        PILArNetDataset(path, box_voxels=(100, 100, 100))[0]

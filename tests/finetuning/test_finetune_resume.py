@@ -10,7 +10,7 @@ import torch
 
 from pcfm.api import pretrain
 from pcfm.api import FinetuneDataModule, finetune
-from pcfm.engine.training import PatientEarlyStopping
+from pcfm.engine.training import PatientEarlyStopping, checkpoint_path
 from pcfm.finetuning import FinetuneModule, task_metrics
 from pcfm.tasks.pretrain import CheckpointError, read_checkpoint
 from tests.interruption import InterruptAt, Interrupted
@@ -101,6 +101,34 @@ def test_a_workdir_of_another_run_is_not_resumed(uninterrupted, tmp_path):
     fresh = finetune("classification", workdir=tmp_path / "run", resume=False, **{**RESUMABLE, "seed": 1})
     assert fresh.training["resumed_from_step"] is None and fresh.training["steps"] == 9
     assert read_checkpoint(last)["pcfm_finetune_run"]["settings"]["seed"] == 1
+
+
+def test_a_fresh_start_deletes_the_checkpoints_and_metrics_of_the_run_before(uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted.checkpoint_path.parent, tmp_path / "checkpoints")
+    shutil.copy(uninterrupted.metrics_path, tmp_path / "metrics.json")
+    # and what killed writers left beside them
+    leftovers = [tmp_path / "checkpoints" / ".best.ckpt.abcd1234.tmp", tmp_path / ".metrics.json.abcd1234.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"")
+    # crashed before its first checkpoint: nothing of the old run is left to resume or to read
+    with pytest.raises(Interrupted):
+        finetune("classification", workdir=tmp_path, resume=False, callbacks=[InterruptAt(1)],
+                 **{**RESUMABLE, "seed": 1})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_corrupt_last_checkpoint_says_that_resume_false_starts_afresh(uninterrupted, tmp_path):
+    last = checkpoint_path(tmp_path)
+    last.parent.mkdir()
+    content = uninterrupted.checkpoint_path.read_bytes()
+    last.write_bytes(content[: len(content) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(f"{last}: not a readable checkpoint") + ".*"
+                       + re.escape(f"; cannot resume from it: pass resume=False to start afresh in {tmp_path}")):
+        finetune("classification", workdir=tmp_path, **RESUMABLE)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: is a folder, not a checkpoint file; give the "
+                                                        f"checkpoint file inside it, e.g. {last}")):
+        finetune("classification", workdir=tmp_path / "other", checkpoint=tmp_path, **RESUMABLE)
 
 
 def test_patience_stops_early_and_the_best_validation_weights_are_tested(tmp_path):

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import yaml
@@ -160,3 +162,44 @@ def test_lartpc_voxel_grid():
     assert box.locate(np.array([[-0.1, 5, 5], [2304.0, 5, 5]])).tolist() == [-1, -1]
     with pytest.raises(GeometryError, match="ask for the centres of an index array"):
         box.centers()
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"name": "bad", "layers": 5}, "'layers' must be a non-empty list of layer groups (mappings), got 5"),
+    ({"name": "bad", "layers": [{"sensor": "Si", "sensor_mm": 1, "r_edges_mm": 5}]},
+     "layer group 0: 'r_edges_mm' must be a list of numbers, got 5"),
+    ({"name": "bad", "layers": [{"sensor": "Si", "sensor_mm": 1, "r_edges_mm": [0, 1]}, 7]},
+     "layer group 1: must be a mapping of keys"),
+    ({"name": "bad", "layers": [{"sensor": "Si", "sensor_mm": 1, "n_alpah": 16, "r_edges_mm": [0, 1]}]},
+     "layer group 0: unknown key 'n_alpah'; known keys: repeat, id,"),
+    ({"name": "bad", "layers": [{"sensor": "Si", "sensor_mm": 1, "r_bins": {"count": "nine", "width_mm": 1}}]},
+     "layer group 0: r_bins: 'count' must be a whole number, got 'nine'"),
+    ({"name": "bad", "treshold_mev": 0.1, "layers": [{"sensor": "Si", "sensor_mm": 1, "r_edges_mm": [0, 1]}]},
+     "unknown key 'treshold_mev'"),
+    ({"name": "bad", "kind": "voxel_grid", "shape": 768}, "'shape' must be a list of 3 whole numbers, got 768"),
+])
+def test_a_bad_schema_names_the_file_and_the_key(tmp_path, spec, problem):
+    """Once: "'int' object is not iterable", naming neither the file nor the key."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(GeometryError) as err:
+        geometry.get(bad)
+    assert str(err.value).startswith(f"{bad}: geometry 'bad': {problem}")
+
+
+def test_the_file_stem_must_equal_the_name(tmp_path, monkeypatch):
+    spec = {"name": "my-calo", "layers": [{"sensor": "Si", "sensor_mm": 1.0, "r_edges_mm": [0, 1]}]}
+    other = tmp_path / "other-name.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    rule = re.escape(f"{other}: defines geometry 'my-calo', but a geometry file's stem must equal its name")
+    with pytest.raises(GeometryError, match=rule):
+        geometry.get(other)
+    folder = tmp_path / "configs" / "geometries"
+    folder.mkdir(parents=True)
+    (folder / "other-name.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GeometryError, match="stem must equal its name"):
+        geometry.get("other-name")
+    right = tmp_path / "my-calo.yaml"
+    right.write_text(yaml.safe_dump(spec))
+    assert geometry.get(right).n_cells == 1

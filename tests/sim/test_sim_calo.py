@@ -235,3 +235,12 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(GeometryError, match="'lartpc-768' is a voxel_grid geometry"):
         simulate_showers("lartpc-768", 2)
     assert len(simulate_showers(DS2, 0)) == 0
+
+
+@pytest.mark.parametrize("energy", [-5.0, 0.0, np.nan, np.inf, 2e7, (1e3, np.inf), (1e3, 1e8), (0.0, 1e4)])
+def test_energies_outside_what_the_readers_accept_are_argument_errors(energy):
+    """Energies the CaloChallenge readers would refuse (above 1e7 MeV) are refused here, naming the argument."""
+    from pcfm.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="^energy: "):
+        simulate_showers(DS2, 2, energy=energy)

@@ -250,6 +250,10 @@ def test_particles_per_event_sets_the_number_of_primaries():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="target_points"):
         simulate_lartpc_event(seed=1, target_points=(500, 100))
+    with pytest.raises(ValueError, match=r"target_points must be \(lo, hi\) with 0 < lo <= hi, both finite"):
+        simulate_lartpc_events(1, seed=1, target_points=(100, np.inf))
+    with pytest.raises(ValueError, match="n_events must be a non-negative integer, got -2"):
+        simulate_lartpc_events(-2, seed=1)
     with pytest.raises(ValueError, match="either seed or rng"):
         simulate_lartpc_events(1, seed=1, rng=np.random.default_rng(1))
     with pytest.raises(ValueError, match="particles_per_event"):

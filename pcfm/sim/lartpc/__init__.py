@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from pcfm.data.events import LArEvent
+from pcfm.errors import ArgumentError
 from pcfm.sim.lartpc.physics import (C_MM_PER_NS, LAR_CRITICAL_ENERGY, LAR_DENSITY, LAR_ELECTRON_DEDX,
                                      LAR_MOLIERE_RADIUS_MM, LAR_RADIATION_LENGTH_MM, LArTPCConfig, MICHEL_MAX_ENERGY,
                                      MUON_LIFETIME_NS, MU_MINUS_ARGON_LIFETIME_NS, M_E, M_MU, M_P, M_PI, PID_ELECTRON,
@@ -51,6 +52,19 @@ from pcfm.sim.lartpc.physics import (C_MM_PER_NS, LAR_CRITICAL_ENERGY, LAR_DENSI
                                      SEM_SHOWER, SEM_TRACK, bethe_dedx, csda_range, photon_attenuation,
                                      photon_interaction_length)
 from pcfm.sim.lartpc.simulator import LArTPCSimulator
+
+
+def _check_target(target_points) -> None:
+    """Refuse a ``target_points`` that is not (lo, hi) with 0 < lo <= hi, both finite."""
+    if target_points is None:
+        return
+    try:
+        lo, hi = (float(v) for v in target_points)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"target_points must be (lo, hi), got {target_points!r}") from None
+    if not (np.isfinite(hi) and 0 < lo <= hi):
+        raise ArgumentError(f"target_points must be (lo, hi) with 0 < lo <= hi, both finite, got {target_points!r}")
+
 
 def _simulator(seed, rng, config, particles_per_event):
     config = config or LArTPCConfig()
@@ -63,6 +77,7 @@ def simulate_lartpc_event(*, seed=None, particles_per_event=None, target_points=
                           rng: Optional[np.random.Generator] = None,
                           config: Optional[LArTPCConfig] = None) -> LArEvent:
     """One simulated LArTPC event in the PILArNet-M v2 layout (see :func:`simulate_lartpc_events`)."""
+    _check_target(target_points)
     return _simulator(seed, rng, config, particles_per_event).event(target_points)
 
 
@@ -75,6 +90,9 @@ def simulate_lartpc_events(n_events: int, *, seed=None, particles_per_event=None
     vertices (None: the config's, by default (1, 5)); ``target_points=(lo, hi)`` instead grows
     each event to roughly that many points. ``seed`` or ``rng`` make the run reproducible.
     """
+    if isinstance(n_events, bool) or not isinstance(n_events, (int, np.integer)) or n_events < 0:
+        raise ArgumentError(f"n_events must be a non-negative integer, got {n_events!r}")
+    _check_target(target_points)
     return _simulator(seed, rng, config, particles_per_event).events(n_events, target_points)
 
 
