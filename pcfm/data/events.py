@@ -110,7 +110,10 @@ class LArEvent:
             raise DataError("event has no points", path, event)
         if not np.all(np.isfinite(p)):
             raise DataError("non-finite value (NaN or inf) in 'point'", path, event)
-        if np.any(c[:, 0] < 0) or int(c[:, 0].sum()) != p.shape[0]:
+        if np.any(c[:, 0] < 0):
+            k = int(np.argmax(c[:, 0] < 0))
+            raise DataError(f"cluster {k} has a negative size ({int(c[k, 0])} points)", path, event)
+        if int(c[:, 0].sum()) != p.shape[0]:
             raise DataError(
                 f"cluster sizes sum to {int(c[:, 0].sum())} but the event has {p.shape[0]} points",
                 path, event,

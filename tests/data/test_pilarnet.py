@@ -442,3 +442,11 @@ def test_the_box_follows_the_geometry(tmp_path, rng):
     assert len(LArTPCDataset(path, small)) == 1 and LArTPCDataset(path, small)[0].num_nodes == event.points.shape[0]
     with pytest.raises(DataError, match=re.escape("1 points lie outside the 100x100x100 voxel box")):
         PILArNetDataset(path, box_voxels=(100, 100, 100))[0]
+
+
+def test_validate_names_a_negative_cluster_size(rng):
+    event = random_event(rng, 3)
+    clusters = event.clusters.copy()
+    clusters[:2, 0] = [clusters[0, 0] + clusters[1, 0] + 3, -3]  # the sizes still sum to the points
+    with pytest.raises(DataError, match=r"f\.h5: event 7: cluster 1 has a negative size \(-3 points\)"):
+        LArEvent(event.points, clusters).validate("f.h5", 7)
