@@ -374,9 +374,11 @@ def read_valid_block(h5, layout: FileLayout, path, first: int, last: int):
 # --- writing ------------------------------------------------------------------------------------
 def write_calochallenge(path: PathLike, showers: CaloShowers, geometry=None, *,
                         compression: Optional[str] = "gzip", chunk_events: Optional[int] = None) -> None:
-    """Write ``showers`` as a CaloChallenge file (float32, the official layout, atomically).
+    """Write ``showers`` as a CaloChallenge file (the official layout, atomically).
 
-    ``incident_energies`` (N, 1) and ``showers`` (N, n_voxels) as in the official files; ``theta``,
+    ``incident_energies`` (N, 1) float64 and ``showers`` (N, n_voxels) float32 as in the
+    official files (the official classifier fails on float32 incident energies: "mat1 and mat2
+    must have the same dtype"; float32 values widen to float64 exactly); ``theta``,
     ``phi`` (float32) and ``particle`` (int64), each (N, 1), when set; the file attribute
     ``geometry`` names the geometry (``geometry`` argument, else ``showers.geometry``, else the
     preset matching the voxel count). Every event is validated first (the checks of
@@ -402,7 +404,7 @@ def write_calochallenge(path: PathLike, showers: CaloShowers, geometry=None, *,
     options = {"compression": compression} if compression else {}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5file:
         h5file.attrs["geometry"] = geometry.name
-        h5file.create_dataset("incident_energies", data=incident.astype(np.float32), chunks=(chunk, 1), **options)
+        h5file.create_dataset("incident_energies", data=incident.astype(np.float64), chunks=(chunk, 1), **options)
         dataset = h5file.create_dataset("showers", shape=(n_events, n_voxels), dtype=np.float32,
                                         chunks=(chunk, n_voxels), **options)
         for a in range(0, n_events, block):

@@ -206,7 +206,7 @@ def test_files_give_the_same_results_and_reports_are_written(tmp_path, photons, 
                           report_path=tmp_path / "out" / "report.json", plots_dir=tmp_path / "plots")
     assert from_files["geometry"] == "calochallenge-ds1-photons" and from_files["n_generated"] == 200
     assert from_files["separation_power"] == in_memory["separation_power"]
-    assert from_files["fpd"] == pytest.approx(in_memory["fpd"], rel=1e-6)  # files hold float32 incident energies
+    assert from_files["fpd"] == pytest.approx(in_memory["fpd"], rel=1e-6)  # files hold the same values (float32 widened to float64)
     stored = json.loads((tmp_path / "out" / "report.json").read_text())
     assert stored["separation_power"]["per_feature"] == from_files["separation_power"]["per_feature"]
     assert stored["classifier"] is None

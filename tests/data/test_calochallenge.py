@@ -64,11 +64,26 @@ def test_written_file_has_the_official_layout(tmp_path):
     with h5py.File(path, "r") as f:
         assert set(f.keys()) == {"incident_energies", "showers"}
         assert f["incident_energies"].shape == (5, 1) and f["showers"].shape == (5, 6480)
-        assert f["showers"].dtype == np.float32 and f["incident_energies"].dtype == np.float32
+        assert f["showers"].dtype == np.float32 and f["incident_energies"].dtype == np.float64
         assert f["showers"].compression == "gzip"
         assert f.attrs["geometry"] == DS2
     back = read_calochallenge(path)
     assert back.theta is None and back.phi is None and back.particle is None
+
+
+def test_written_file_passes_the_official_evaluations_checks(tmp_path):
+    """What the official CaloChallenge 2022 evaluation (code/evaluate.py, check_file and its
+    classifier's input) expects of a ds2 file: as many incident energies as showers, 6480 voxels
+    per shower, float64 incident energies of shape (N, 1); the values survive exactly."""
+    path = tmp_path / "ds2.h5"
+    showers = make_showers(n=7)
+    write_calochallenge(path, showers)
+    with h5py.File(path, "r") as f:
+        energies, cells = f["incident_energies"][:], f["showers"][:]
+    assert energies.shape == (7, 1) and cells.shape == (7, 6480) and energies.dtype == np.float64
+    assert np.issubdtype(cells.dtype, np.floating)
+    np.testing.assert_array_equal(energies[:, 0].astype(np.float32), showers.incident_energies)
+    assert read_calochallenge(path).incident_energies.dtype == np.float32  # pcfm reads both widths
 
 
 def test_reads_official_files_with_float64_and_flat_incident_energies(tmp_path):
