@@ -216,11 +216,21 @@ def _cmd_evaluate(args) -> int:
     from pcfm.api import evaluate
 
     result = evaluate(args.generated, args.reference, args.geometry, classifier=not args.no_classifier,
-                      allow_geometry_mismatch=args.allow_geometry_mismatch, plots_dir=args.plots,
-                      report_path=args.report, seed=args.seed)
+                      allow_geometry_mismatch=args.allow_geometry_mismatch, clip_negative=args.clip_negative,
+                      keep_empty=args.keep_empty, plots_dir=args.plots, report_path=args.report, seed=args.seed)
     sep = result["separation_power"]
     print(f"separation power: mean {sep['mean']:.4f}, max {sep['max']:.4f} ({sep['max_feature']}); "
           f"FPD {result['fpd']:.3f}; KPD {result['kpd']:.5f} +- {result['kpd_std']:.5f}")
+    fpd, kpd = result["fpd_jetnet"], result["kpd_jetnet"]
+    print(f"JetNet definitions (x 10^3): FPD {1e3 * fpd['value']:.4g} +- {1e3 * fpd['error']:.2g}; "
+          f"KPD {1e3 * kpd['value']:.4g} +- {1e3 * kpd['error']:.2g} ("
+          + ("comparable with published CaloChallenge values)" if fpd["comparable"] else
+             "not comparable with published values: fewer than 10000 showers a side)"))
+    for role in ("generated", "reference"):
+        counts = result["inputs"][role]
+        if counts["negative_cells"] or counts["empty_showers"]:
+            print(f"{role}: {counts['negative_cells']} negative cells set to 0 "
+                  f"({counts['negative_energy_mev']:.6g} MeV), {counts['empty_showers']} empty showers kept")
     for name, auc in (result.get("classifier") or {}).items():
         if auc is not None:
             print(f"classifier AUC ({name.replace('_', '-')}): {auc['auc']:.3f}")
@@ -311,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-geometry-mismatch", action="store_true",
                     help="evaluate even when the two files name different geometries (or --geometry contradicts "
                          "one); refused by default")
+    ev.add_argument("--clip-negative", action="store_true",
+                    help="set negative cells to 0 (the CaloChallenge evaluation accepts them); refused by default")
+    ev.add_argument("--keep-empty", action="store_true",
+                    help="keep showers whose cells are all zero (features 0), as the CaloChallenge evaluation "
+                         "does; refused by default")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -383,10 +383,14 @@ def test_small_samples_give_finite_distances_and_say_why_they_are_weak():
     results = evaluate(generated, reference, classifier=False, progress=False)
     assert np.isfinite(results["fpd"]) and results["fpd"] < 1e4
     assert np.isfinite(results["kpd"]) and abs(results["kpd"]) < 100
+    assert all(np.isfinite(results[key][part]) for key in ("fpd_jetnet", "kpd_jetnet") for part in ("value", "error"))
     assert results["warnings"] == [
         "FPD and KPD on 12 generated and 12 reference showers of 362 features: the covariances are singular and "
         "the Frechet distance is dominated by its small-sample bias (of order 362^2 / showers); compare only "
-        "evaluations of equal sizes, and use at least 363 showers a side for full-rank estimates"]
+        "evaluations of equal sizes, and use at least 363 showers a side for full-rank estimates",
+        "JetNet FPD and KPD on 12 generated and 12 reference showers: the CaloChallenge evaluation uses at least "
+        "10000 a side (FPD batches of 10000 to 50000 showers, KPD batches of 10000); pcfm scaled the batches to "
+        "the samples, so these values are not comparable with published ones"]
     assert "Warning: FPD and KPD on 12 generated" in report_module.markdown_summary(results)
 
 
@@ -408,3 +412,103 @@ def test_one_hit_cell_has_width_zero_and_round_off_columns_are_not_blown_up():
     np.testing.assert_allclose(gen_std[:, 0], (generated[:, 0] - reference.mean()) / pooled)
     assert np.abs(gen_std).max() < 10
     np.testing.assert_allclose(standardise(np.ones((3, 1)), np.ones((3, 1)))[0], 0.0)  # constant in both: shifted
+
+
+# --- FPD and KPD as JetNet defines them ------------------------------------------------------
+def test_jetnet_distances_are_reported_beside_pcfm_ones(same_results, photons):
+    """pcfm's keys stay; the JetNet ones say what they were computed on and that 1500 showers a side
+    are too few to set them beside published values."""
+    for key in ("fpd", "kpd", "kpd_std"):
+        assert isinstance(same_results[key], float)
+    fpd, kpd = same_results["fpd_jetnet"], same_results["kpd_jetnet"]
+    assert not fpd["comparable"] and not kpd["comparable"]
+    assert fpd["settings"] == {"min_samples": 300, "max_samples": 1500, "num_batches": 20, "num_points": 10,
+                               "seed": 42}
+    assert kpd["settings"] == {"num_batches": 10, "batch_size": 1500, "seed": 42, "degree": 4}
+    # ds1 photons: 5 layers, 2 of them binned in angle: 1 + 5 + 4 * 2 + 1 + 5 + 2 * 5 columns
+    assert fpd["n_features"] == 30 and "log10 E_inc" in fpd["features"]
+    assert any(w.startswith("JetNet FPD and KPD on 1500 generated and 1500 reference showers") for w in
+               same_results["warnings"])
+    # the wrong particle stands out (the log-scaled features, divided by their largest |value|, hardly
+    # see a 1.3 x energy scale at this size: FPD 0.0081 +- 0.0015 against 0.0065 +- 0.0013)
+    reference = photons[1].subset(slice(0, 500))
+    same = evaluate(photons[0].subset(slice(0, 500)), reference, classifier=False, progress=False)
+    pions = simulate_showers("calochallenge-ds1-photons", 500, particle="pion", energy=(1e3, 1e5), seed=3)
+    wrong = evaluate(pions, reference, classifier=False, progress=False)
+    for key in ("fpd_jetnet", "kpd_jetnet"):
+        assert wrong[key]["value"] > same[key]["value"] + 5 * (same[key]["error"] + wrong[key]["error"]), key
+    summary = report_module.markdown_summary(same_results)
+    assert "| FPD, JetNet definition (x 10^3) |" in summary and "not comparable with published" in summary
+
+
+# --- files the CaloChallenge evaluation accepts: negative cells, empty showers ---------------
+def _write_raw(path, showers, geometry="calochallenge-ds1-photons"):
+    """A CaloChallenge file as a generator may write it (write_calochallenge refuses bad events)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["geometry"] = geometry
+        f["incident_energies"] = showers.incident_energies.astype(np.float64).reshape(-1, 1)
+        f["showers"] = showers.showers.astype(np.float32)
+
+
+@pytest.fixture
+def odd_files(photons, tmp_path):
+    """A generated file with two tiny negative cells (events 3 and 5) and an empty shower (event 7),
+    event 9 holding nothing but a negative cell; and a clean reference file."""
+    generated, reference = (p.subset(slice(0, 100)) for p in photons)
+    cells = generated.showers.copy()
+    cells[3, 10] = -1e-6
+    cells[5, 20] = -2e-6
+    cells[7] = 0.0
+    cells[9] = 0.0
+    cells[9, 30] = -5e-7
+    odd = CaloShowers(generated.incident_energies, cells, generated.geometry)
+    _write_raw(tmp_path / "gen.h5", odd)
+    write_calochallenge(tmp_path / "ref.h5", reference)
+    return tmp_path / "gen.h5", tmp_path / "ref.h5", odd, reference
+
+
+def test_negative_cells_and_empty_showers_are_refused_naming_the_option(odd_files):
+    gen, ref, _, _ = odd_files
+    with pytest.raises(DataError, match=rf"^{re.escape(str(gen))}: event 3: negative cell energy -1e-06 MeV in cell "
+                                        r"10; pass clip_negative=True \(pcfm evaluate --clip-negative\)"):
+        evaluate(gen, ref, classifier=False, progress=False)
+    with pytest.raises(DataError, match=rf"{re.escape(str(gen))}: event 7: empty shower: all 368 cells are zero; "
+                                        r"pass keep_empty=True \(pcfm evaluate --keep-empty\)"):
+        evaluate(gen, ref, clip_negative=True, classifier=False, progress=False)
+    with pytest.raises(DataError, match=r"event 3: negative cell energy"):
+        evaluate(gen, ref, keep_empty=True, classifier=False, progress=False)
+
+
+def test_clip_negative_and_keep_empty_read_them_and_count_them(odd_files, tmp_path):
+    gen, ref, odd, reference = odd_files
+    results = evaluate(gen, ref, clip_negative=True, keep_empty=True, classifier=False, progress=False,
+                       report_path=tmp_path / "out" / "report.json")
+    assert results["n_generated"] == 100 and results["inputs"]["clip_negative"] and results["inputs"]["keep_empty"]
+    assert results["inputs"]["generated"] == {"source": str(gen), "negative_cells": 3,
+                                              "negative_energy_mev": pytest.approx(-3.5e-6, rel=1e-6),
+                                              "empty_showers": 2}
+    assert results["inputs"]["reference"] == {"source": str(ref), "negative_cells": 0, "negative_energy_mev": 0.0,
+                                              "empty_showers": 0}
+    assert "generated showers: 3 negative cells (summing to -3.5e-06 MeV) counted as 0" in results["warnings"]
+    assert "generated showers: 2 empty showers (no non-zero cell) kept, their features 0" in results["warnings"]
+    assert np.isfinite([results["fpd"], results["kpd"], results["fpd_jetnet"]["value"],
+                        results["kpd_jetnet"]["value"]]).all()
+    # the same as the clipped showers in memory: a clipped cell is a zero cell
+    clipped = CaloShowers(odd.incident_energies, np.clip(odd.showers, 0, None), odd.geometry)
+    in_memory = evaluate(clipped, reference, classifier=False, progress=False)
+    assert results["separation_power"] == in_memory["separation_power"]
+    assert results["fpd_jetnet"]["value"] == pytest.approx(in_memory["fpd_jetnet"]["value"], rel=1e-6)
+    # empty showers have features 0
+    features = high_level_features(np.zeros((1, 368)), np.array([1e4]), get_geometry("calochallenge-ds1-photons"))
+    assert all(np.all(v == 0) for v in features.values())
+    summary = (tmp_path / "out" / "report.md").read_text()
+    assert f"| generated ({gen}) | 3 | -3.5e-06 | 2 |" in summary
+
+
+def test_in_memory_showers_are_counted_and_clipped_on_request(odd_files):
+    _, _, odd, reference = odd_files
+    kept = evaluate(odd, reference, classifier=False, progress=False)  # in memory: accepted as before
+    assert kept["inputs"]["generated"]["negative_cells"] == 3 and kept["inputs"]["generated"]["empty_showers"] == 2
+    clipped = evaluate(odd, reference, clip_negative=True, classifier=False, progress=False)
+    assert clipped["separation_power"] == kept["separation_power"]  # the features zero negative cells either way
+    assert odd.showers.min() < 0  # the caller's showers are not changed

@@ -1,4 +1,5 @@
 """The command line: each sub-command on small inputs, through main(argv) as a user runs it."""
+import json
 import re
 
 import h5py
@@ -132,6 +133,36 @@ def test_evaluate_two_simulated_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "separation power: mean" in out and "classifier AUC (high-level)" in out
     assert report.is_file() and report.with_suffix(".md").is_file()
+
+
+def test_evaluate_clip_negative_and_keep_empty(tmp_path, capsys, monkeypatch):
+    """A generator's file with a -1e-6 MeV cell (event 2) and an all-zero shower (event 4), which the
+    CaloChallenge evaluation accepts: refused by default, naming the option; read with both options."""
+    monkeypatch.delenv("PCFM_TRACEBACK", raising=False)
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for path, seed in ((a, "1"), (b, "2")):
+        assert main(["simulate", "calo", "--geometry", "calochallenge-ds1-photons", "--particle", "photon",
+                     "--n", "40", "--energy", "1000:100000", "--seed", seed, "--out", str(path)]) == 0
+    with h5py.File(a, "r+") as f:
+        f["showers"][2, 5] = -1e-6
+        f["showers"][4] = np.zeros(f["showers"].shape[1], np.float32)
+    capsys.readouterr()
+    assert main(["evaluate", str(a), str(b), "--no-classifier"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pcfm evaluate: error: {a}: event 2: negative cell energy -1e-06 MeV in cell 5")
+    assert "--clip-negative" in err and err.count("\n") == 1
+    assert main(["evaluate", str(a), str(b), "--no-classifier", "--clip-negative"]) == 2
+    err = capsys.readouterr().err
+    assert f"{a}: event 4: empty shower: all 368 cells are zero" in err and "--keep-empty" in err
+    report = tmp_path / "report.json"
+    assert main(["evaluate", str(a), str(b), "--no-classifier", "--clip-negative", "--keep-empty",
+                 "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "generated: 1 negative cells set to 0 (-1e-06 MeV), 1 empty showers kept" in out
+    assert "JetNet definitions (x 10^3): FPD" in out and "not comparable with published values" in out
+    inputs = json.loads(report.read_text())["inputs"]
+    assert inputs["generated"]["negative_cells"] == 1 and inputs["generated"]["empty_showers"] == 1
+    assert inputs["clip_negative"] and inputs["keep_empty"]
 
 
 # --- user mistakes: one line on stderr, exit code 2, in every sub-command -----------------------
