@@ -93,9 +93,8 @@ class Config:
     min_steps_fraction: float = 0.5
     batch_points: int = 20_000
     lartpc_batch_points: int = 20_000
-    # 3e-4 joined the grid after a development run: from scratch on gamma_pi0, one Adam step at
-    # lr >= 1e-3 shrinks the pooled embedding's spread across showers from 0.13 to 0.04 and ten
-    # steps to 0.01 (a plateau at ln 2 that some seeds never leave); at 3e-4 it stays near 0.07.
+    # 3e-4 joined the grid after development runs (benchmarks/RESULTS.md): from scratch on
+    # gamma_pi0, rates of 1e-3 and more collapsed the pooled embedding in the first steps.
     lr_grid: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     linear_lr_grid: list = field(default_factory=lambda: [3e-3, 1e-2])
     select_labels: int = 100

@@ -40,10 +40,10 @@ class BatchStandardize(nn.BatchNorm1d):
 
     Why: a from-scratch fine-tune with Adam first removes whatever in the head's input varies
     without the label, and the cheapest way is to shrink the backbone's variation across events:
-    on Geant4 gamma / pi0 the pooled embedding's spread fell from 0.13 to 0.01 of its size in ten
-    steps at lr 1e-3 - 3e-3 and training sat at ln 2 for hundreds of steps, for ever from some
-    starts. Standardised per channel across events, that variation cannot be shrunk away (the
-    same normalisation MAE puts under its linear probes).
+    on Geant4 gamma / pi0 at lr 1e-3 - 3e-3 the pooled embedding became nearly the same for
+    every shower within ten steps and training sat at ln 2 for hundreds of steps, for ever from
+    some starts (benchmarks/RESULTS.md). Standardised per channel across events, that variation
+    cannot be shrunk away (the same normalisation MAE puts under its linear probes).
     """
 
     def __init__(self, num_features: int):
